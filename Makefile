@@ -1,0 +1,33 @@
+# memguard: `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MG := $(VENV)/bin/memguard
+RANDOM_MODEL := models/random-tiny-sd
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help install test smoke bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned), build the random demo model
+
+$(MG): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	@touch $(MG)
+
+$(RANDOM_MODEL): | $(MG)
+	$(MG) random-model $(RANDOM_MODEL)
+
+test: $(MG) $(RANDOM_MODEL)  ## run the test suite
+	$(PY) -m pytest -q
+
+smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo model, 4 steps (debug settings)
+	$(MG) run -m experiment=schedules debug=default
+
+bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
+	$(PY) scripts/bench_sampling.py
+
+clean:  ## remove the virtual environment and the random demo model (keeps outputs/)
+	rm -rf $(VENV) $(RANDOM_MODEL)

@@ -1,0 +1,82 @@
+"""The ``memguard`` command: a sub-command word, then Hydra overrides.
+
+    memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
+    memguard random-model DIR [--seed N]    write a tiny random-weight SD folder (tests, demos, benchmarks)
+
+A plain ``@hydra.main`` would read the sub-command word as an override; here it is taken off ``sys.argv``
+first. User errors print one line (``memguard: error: ...``) and exit 2; ``HYDRA_FULL_ERROR=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import memguard  # noqa: F401  (import order: makes the torch stack importable)
+from memguard.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _report_user_errors(task: Callable[[Any], Any], cfg: Any) -> Any:
+    try:
+        return task(cfg)
+    except UserError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"memguard: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
+    import hydra
+
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; install with `pip install -e .`")
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def entry(cfg: Any) -> Any:
+        return _report_user_errors(task, cfg)
+
+    sys.argv = [f"memguard {name}", *overrides]
+    entry()
+
+
+def _random_model(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="memguard random-model",
+                                     description="Write a tiny random-weight Stable Diffusion folder.")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(args)
+    if options.folder.exists() and any(options.folder.iterdir()):
+        raise SystemExit(f"memguard: error: {options.folder} exists and is not empty; choose another folder")
+    from memguard.components import random_components, save_components
+
+    save_components(random_components(seed=options.seed), options.folder)
+    print(f"wrote a random-weight tiny SD folder (it memorizes nothing) to {options.folder}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(f"usage:\n{USAGE}")
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from memguard.runner import run
+
+        _hydra_command("run", run, rest)
+    elif command == "random-model":
+        _random_model(rest)
+    else:
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, random-model\nusage:\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()

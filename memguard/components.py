@@ -1,0 +1,166 @@
+"""Stable Diffusion components: loaded from a diffusers folder, or built small and random, offline.
+
+Every model memguard samples from, the real SD 1.4 / 2.1 checkpoints and the tiny models of the tests alike,
+goes through :func:`load_components`. Nothing is fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from memguard.errors import UserError
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FOLDER_HELP = (
+    "a diffusers Stable Diffusion folder holds model_index.json and the subfolders "
+    + ", ".join(f"{s}/" for s in SUBFOLDERS)
+    + " (as written by StableDiffusionPipeline.save_pretrained, or fetched with "
+    "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR` on a machine with network)"
+)
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline that memguard's sampling loop uses."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: SchedulerMixin
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device) if dtype is None else module.to(device, dtype)
+        return self
+
+
+def check_model_folder(path: str | Path, key: str = "model.path") -> Path:
+    """Return ``path`` if it looks like a diffusers SD folder, else raise a UserError naming ``key``."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{key}={str(path)!r} is not a folder; {FOLDER_HELP}")
+    missing = [f"{s}/" for s in SUBFOLDERS if not (folder / s).is_dir()]
+    if missing:
+        raise UserError(f"{key}={str(path)!r} lacks {', '.join(missing)}; {FOLDER_HELP}")
+    return folder
+
+
+def load_components(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    key: str = "model.path") -> Components:
+    """Load unet, vae, text encoder, tokenizer and scheduler from a local diffusers SD folder."""
+    from transformers.utils import logging as transformers_logging
+
+    folder = check_model_folder(path, key)
+    transformers_logging.disable_progress_bar()
+    try:
+        components = Components(
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            scheduler=load_scheduler(folder),
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"{key}={str(path)!r} could not be loaded ({err}); {FOLDER_HELP}") from err
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.requires_grad_(False).eval()
+    return components.to(device)
+
+
+def load_scheduler(folder: str | Path, key: str = "model.path") -> SchedulerMixin:
+    """The folder's own scheduler class and config (e.g. PNDM for SD 1.4, DDIM for SD 2.1)."""
+    import diffusers
+
+    folder = check_model_folder(folder, key)
+    try:
+        config = diffusers.DDIMScheduler.load_config(folder, subfolder="scheduler")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{key}={str(folder)!r}: scheduler/ could not be read ({err}); {FOLDER_HELP}") from err
+    cls = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    return cls.from_config(config)
+
+
+def clip_tokenizer(folder: str | Path | None = None, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The real 49,408-token CLIP BPE tokenizer, built offline from the vocabulary inside open_clip_torch.
+
+    It tokenizes exactly as SD 1.x's tokenizer (pad ``<|endoftext|>``; SD 2.x pads with ``!``), 77 tokens.
+    If ``folder`` is given the tokenizer is also saved there (``save_pretrained``).
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [b + "</w>" for b in byte_tokens] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad_token, model_max_length=77
+        )
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def random_components(seed: int = 0, sample_size: int = 16, width: int = 32) -> Components:
+    """A tiny SD-shaped model with random weights (as diffusers' own tests build one), for tests and benchmarks.
+
+    UNet with cross-attention (channels ``(width, 2 * width)``), a 2x VAE with 4 latent channels, a 2-layer
+    CLIP text encoder over the real CLIP vocabulary, SD's scaled-linear DDIM scheduler. Images are
+    ``2 * sample_size`` pixels square. It has learnt nothing: its images are noise-like.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=min(32, width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(width, 2 * width),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=min(32, width), sample_size=2 * sample_size,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    components = Components(unet, vae, text_encoder, clip_tokenizer(), scheduler)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return components
+
+
+def save_components(components: Components, folder: str | Path) -> Path:
+    """Write ``components`` as a diffusers SD folder that :func:`load_components` and diffusers both read."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **vars(components), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,95 @@
+"""memguard's one sampling loop over diffusers components.
+
+The stock ``StableDiffusionPipeline`` cannot run the paper's schedules: it re-derives
+``do_classifier_free_guidance = scale > 1`` each step (zero or negative guidance drops the unconditional pass),
+keeps one scale per batch, and never exposes ``eps_c``/``eps_u``. :func:`sample` always evaluates both branches
+in one batched UNet call and asks a :class:`~memguard.guidance.GuidanceSchedule` for a scale per sample.
+With a constant scale it computes what the pipeline computes (tested against it for several schedulers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor
+
+from memguard.components import Components
+from memguard.guidance import GuidanceSchedule
+
+StepCallback = Callable[[dict[str, Tensor | int | float]], None]
+
+
+@dataclass
+class Trajectory:
+    """What :func:`sample` returns: final latents and, per sample and step, ``d_t`` and the scale used."""
+
+    latents: Tensor  # (B, C, h, w)
+    timesteps: list[float]  # (steps,)
+    d: Tensor  # (B, steps), float32, on the sampling device
+    scale: Tensor  # (B, steps), float32
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unit Gaussian noise with one CPU generator per image, so an image depends on its seed, not its batch.
+
+    Draws exactly what diffusers' ``randn_tensor`` draws for a list of CPU generators seeded with ``seeds``.
+    """
+    noise = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.cat(noise).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_prompts(components: Components, prompts: Sequence[str]) -> Tensor:
+    """CLIP text embeddings ``(len(prompts), 77, dim)``, tokenized and encoded as StableDiffusionPipeline does."""
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+    return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
+
+
+@torch.no_grad()
+def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncond: Tensor, noise: Tensor,
+           schedule: GuidanceSchedule, steps: int, callback: StepCallback | None = None) -> Trajectory:
+    """Classifier-free guided sampling, Eq. (4) of Jain et al. with a per-sample, per-step scale.
+
+    ``cond``/``uncond``: text embeddings ``(B, L, D)``; ``noise``: unit noise ``(B, C, h, w)``. The scheduler is
+    reset (``set_timesteps``) and stepped in place. ``callback`` gets, per step, a dict with ``step``,
+    ``timestep``, ``x`` (latents before the step), ``eps_u``, ``eps_c``, ``d`` and ``scale``.
+    """
+    # 1. Timesteps and initial latents, as the pipeline prepares them
+    device = noise.device
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    timestep_values = [float(t) for t in timesteps.cpu()]
+    latents = noise * scheduler.init_noise_sigma
+    embeddings = torch.cat([uncond, cond]).to(dtype=unet.dtype)
+    d = torch.zeros(noise.shape[0], len(timesteps), dtype=torch.float32, device=device)
+    scales = torch.zeros_like(d)
+
+    # 2. Denoising loop: one UNet call on [x, x] with [e_empty, e_prompt]
+    for k, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        eps_u, eps_c = unet(x_in, t, encoder_hidden_states=embeddings, return_dict=False)[0].chunk(2)
+        guidance = eps_c - eps_u
+        d[:, k] = guidance.float().flatten(1).pow(2).sum(dim=1)
+        scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
+        eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
+        if callback is not None:
+            callback({"step": k, "timestep": timestep_values[k], "x": latents, "eps_u": eps_u, "eps_c": eps_c,
+                      "d": d[:, k], "scale": scales[:, k]})
+        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+
+    return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales)
+
+
+@torch.no_grad()
+def decode(components: Components, latents: Tensor) -> Tensor:
+    """Decode latents with the VAE into images in ``[0, 1]``, shape ``(B, 3, H, W)``, float32."""
+    vae = components.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)

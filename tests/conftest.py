@@ -1,0 +1,28 @@
+"""Shared fixtures. memguard is imported first so the torch stack imports (see memguard._compat)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import memguard  # noqa: E402,F401  (must precede diffusers / transformers)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from memguard.components import Components, random_components, save_components  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_components() -> Components:
+    """Tiny random SD components (16x16 latents, 32 px images)."""
+    return random_components(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_components: Components) -> Path:
+    """The tiny random components saved as a diffusers Stable Diffusion folder."""
+    return save_components(tiny_components, tmp_path_factory.mktemp("models") / "tiny-sd")

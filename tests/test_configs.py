@@ -1,0 +1,76 @@
+"""Every option of every config group composes and instantiates; experiments expand to their grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from memguard.cli import CONF_DIR
+from memguard.guidance import GuidanceSchedule
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("mitigation", options("mitigation"))
+def test_every_mitigation_instantiates_a_schedule(mitigation: str) -> None:
+    cfg = compose_config([f"mitigation={mitigation}"])
+    assert cfg.mitigation.name == mitigation
+    schedule = instantiate(cfg.mitigation.schedule)
+    assert isinstance(schedule, GuidanceSchedule)
+    schedule.check_timesteps(1000)
+
+
+@pytest.mark.parametrize("sampler", options("sampler"))
+def test_every_sampler_builds_from_a_model_scheduler_config(sampler: str, tiny_components) -> None:
+    cfg = compose_config([f"sampler={sampler}"])
+    scheduler = instantiate(cfg.sampler.scheduler, _partial_=True)(tiny_components.scheduler.config)
+    assert type(scheduler).__name__.lower().startswith(sampler)
+    assert scheduler.config.beta_schedule == "scaled_linear"  # the model's own noise schedule is kept
+
+
+def test_guidance_scale_flows_into_schedules() -> None:
+    cfg = compose_config(["mitigation=og_dtp", "guidance.scale=5"])
+    schedule = instantiate(cfg.mitigation.schedule)
+    assert (schedule.scale, schedule.opposite) == (5.0, 5.0)
+    cfg = compose_config(["mitigation=og_stp", "guidance.og_scale=2", "mitigation.schedule.tau=600"])
+    schedule = instantiate(cfg.mitigation.schedule)
+    assert (schedule.scale, schedule.opposite, schedule.tau) == (7.5, 2.0, 600.0)
+
+
+@pytest.mark.parametrize("scenario", options("scenario"))
+def test_every_scenario_composes(scenario: str) -> None:
+    cfg = compose_config([f"scenario={scenario}"])
+    assert cfg.scenario.name == scenario
+    assert cfg.run_name == f"{scenario}/none"
+
+
+def test_debug_and_experiment_compose() -> None:
+    cfg = compose_config(["debug=default"])
+    assert cfg.sampler.steps == 4 and cfg.run_name.startswith("debug/")
+    cfg = compose_config(["experiment=schedules"], hydra=True)
+    swept = cfg.hydra.sweeper.params.mitigation.split(",")
+    assert sorted(swept) == options("mitigation")
+
+
+def test_run_dirs_follow_scenario_and_mitigation() -> None:
+    cfg = compose_config(["mitigation=dtp"], hydra=True)
+    assert cfg.hydra.run.dir == "outputs/runs/random_tiny/dtp"
+    assert cfg.hydra.sweep.subdir == "random_tiny/dtp"
+
+
+def test_config_dir_ships_with_the_package() -> None:
+    assert (CONF_DIR / "config.yaml").is_file()
+    assert Path(CONF_DIR).parent.joinpath("memguard", "cli.py").is_file()

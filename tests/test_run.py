@@ -1,0 +1,110 @@
+"""run(cfg): the run folder, resuming, refusing to mix settings, and batch-size independence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from memguard.errors import UserError
+from memguard.guidance import dtp_switch_step
+from memguard.runner import read_record, run
+from tests.test_configs import compose_config
+
+PROMPTS = "[a red circle,a blue square]"
+
+
+def config(model: Path, run_dir: Path, *extra: str):
+    return compose_config([
+        "scenario=custom", f"model.path={model}", f"prompts={PROMPTS}", "images_per_prompt=2",
+        "sampler.steps=6", f"paths.run_dir={run_dir}", "progress=false", *extra,
+    ])
+
+
+def test_run_writes_the_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    metrics = run(config(tiny_model_dir, tmp_path, "mitigation=og_dtp"))
+    images = sorted(p.name for p in (tmp_path / "images").glob("*.png"))
+    assert images == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png"]
+    for name in ("config.yaml", "trajectories.csv", "generations.csv", "metrics.json", "grid.png", "d_curves.png"):
+        assert (tmp_path / name).is_file(), name
+
+    traj = pd.read_csv(tmp_path / "trajectories.csv")
+    assert list(traj.columns) == ["prompt_idx", "seed", "step", "timestep", "d", "scale"]
+    assert len(traj) == 4 * 6 and traj.step.max() == 5 and (traj.d > 0).all()
+    gens = pd.read_csv(tmp_path / "generations.csv")
+    assert list(gens.columns) == ["prompt_idx", "prompt", "seed", "file", "transition_step", "transition_timestep"]
+    assert gens.prompt.tolist() == ["a red circle"] * 2 + ["a blue square"] * 2
+    for row in gens.itertuples():  # the transition recorded is Algorithm 1's, from the recorded d
+        d = traj[(traj.prompt_idx == row.prompt_idx) & (traj.seed == row.seed)].d.tolist()
+        expected = dtp_switch_step(d)
+        assert (None if pd.isna(row.transition_step) else int(row.transition_step)) == expected
+        scales = traj[(traj.prompt_idx == row.prompt_idx) & (traj.seed == row.seed)].scale.tolist()
+        assert scales == [-7.5] * (expected if expected is not None else 6) + [7.5] * (6 - (expected or 6))
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == metrics and saved["n_images"] == 4 and saved["mitigation"] == "og_dtp"
+    fired = gens.transition_step.notna().mean()
+    assert saved["transition"]["fired_fraction"] == pytest.approx(fired)
+
+
+def test_rerun_resumes_and_keeps_finished_images(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run(config(tiny_model_dir, tmp_path))
+    kept = tmp_path / "images" / "00000_0.png"
+    before = kept.stat().st_mtime_ns
+    (tmp_path / "images" / "00001_1.png").unlink()
+    metrics = run(config(tiny_model_dir, tmp_path, "images_per_prompt=3"))
+    assert metrics["generation"]["images_made"] == 3  # the deleted one and the new seed of each prompt
+    assert kept.stat().st_mtime_ns == before
+    assert len(pd.read_csv(tmp_path / "generations.csv")) == 6
+    assert run(config(tiny_model_dir, tmp_path, "images_per_prompt=3"))["generation"]["images_made"] == 0
+
+
+def test_other_settings_are_refused_not_mixed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run(config(tiny_model_dir, tmp_path))
+    with pytest.raises(UserError, match=r"other settings \(.*guidance.scale: 7.5 -> 3"):
+        run(config(tiny_model_dir, tmp_path, "guidance.scale=3"))
+    with pytest.raises(UserError, match="the prompt list changed"):
+        run(config(tiny_model_dir, tmp_path, "prompts=[a green triangle]"))
+
+
+def test_images_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run(config(tiny_model_dir, tmp_path / "b1", "batch_size=1", "mitigation=dtp"))
+    run(config(tiny_model_dir, tmp_path / "b4", "batch_size=4", "mitigation=dtp"))
+    for path in (tmp_path / "b1" / "images").glob("*.png"):
+        one, four = (np.asarray(Image.open(tmp_path / b / "images" / path.name), dtype=int) for b in ("b1", "b4"))
+        assert np.abs(one - four).max() <= 1  # identical up to uint8 rounding of float noise
+        np.testing.assert_allclose(read_record(path).d, read_record(tmp_path / "b4" / "images" / path.name).d, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["prompts=[]"], "no prompts"),
+    (["prompts_file=/no/such/file.txt", "prompts=null"], "prompts_file='/no/such/file.txt' is not a file"),
+    (["guidance.scale=-1"], "guidance.scale=-1 must be a number >= 0"),
+    (["mitigation=stp", "mitigation.schedule.tau=1000"], r"mitigation.schedule.tau=1000.0 is outside .*\[0, 999\]"),
+    (["mitigation=interval", "mitigation.schedule.t_lo=800"], "t_lo=800 is greater than t_hi=700"),
+    (["seeds=[1,1]"], "seeds=.* distinct"),
+    (["dtype=float64"], "dtype='float64' is not one of"),
+])
+def test_bad_inputs_name_the_key(tiny_model_dir: Path, tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        run(config(tiny_model_dir, tmp_path, *overrides))
+    assert not (tmp_path / "config.yaml").exists()  # nothing written for a rejected run
+
+
+def test_missing_model_folder_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"model.path='.*nothing' is not a folder; .*unet/"):
+        run(config(tmp_path / "nothing", tmp_path / "run"))
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(UserError, match="lacks vae/, text_encoder/, tokenizer/, scheduler/"):
+        run(config(tmp_path / "partial", tmp_path / "run"))
+
+
+def test_prompts_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\n  a dog  \n")
+    run(config(tiny_model_dir, tmp_path / "run", "prompts=null", f"prompts_file={prompts}", "images_per_prompt=1"))
+    assert pd.read_csv(tmp_path / "run" / "generations.csv").prompt.tolist() == ["a cat", "a dog"]
