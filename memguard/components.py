@@ -145,14 +145,37 @@ def random_components(seed: int = 0, sample_size: int = 16, width: int = 32) -> 
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
+    return _assemble(unet, vae, text_encoder)
+
+
+def sd15_sized_random_components(seed: int = 0) -> Components:
+    """Random components with Stable Diffusion 1.5's architecture and sizes (860M-parameter UNet, 512 px).
+
+    For benchmarks on a GPU: the compute of the real model, none of its knowledge.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+    return _assemble(unet, vae, text_encoder)
+
+
+def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Components:
+    """Add the CLIP tokenizer and SD's scaled-linear scheduler; freeze the networks."""
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
     )
-    components = Components(unet, vae, text_encoder, clip_tokenizer(), scheduler)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
-    return components
+    return Components(unet, vae, text_encoder, clip_tokenizer(), scheduler)
 
 
 def save_components(components: Components, folder: str | Path) -> Path:

@@ -1,0 +1,107 @@
+"""Sampling throughput, measured side by side in one run.
+
+Prints images/s of memguard's loop under `none`, `dtp` and `og_dtp` (ratios to `none`: the cost of a
+schedule), and of memguard `none` vs diffusers' StableDiffusionPipeline on the same components, prompts,
+seeds and scheduler (ratio memguard / diffusers). Each timed call generates a whole batch: text encoding,
+sampling, VAE decoding. Methods are interleaved round by round and the median over rounds is reported.
+
+    python scripts/bench_sampling.py                         # tiny random components on the CPU
+    python scripts/bench_sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import memguard  # noqa: F401  (import order: makes the torch stack importable)
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+from memguard.components import Components, random_components, sd15_sized_random_components
+from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule
+from memguard.sampling import decode, encode_prompts, initial_noise, sample
+
+PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding a horse", "a green square",
+           "an oil painting of a harbour at dusk"]
+
+
+def memguard_generate(c: Components, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
+                      steps: int) -> torch.Tensor:
+    cond = encode_prompts(c, prompts)
+    uncond = encode_prompts(c, [""]).expand_as(cond)
+    side = c.unet.config.sample_size
+    noise = initial_noise(seeds, (c.unet.config.in_channels, side, side), c.unet.device, c.unet.dtype)
+    scheduler = DPMSolverMultistepScheduler.from_config(c.scheduler.config)
+    return decode(c, sample(c.unet, scheduler, cond, uncond, noise, schedule, steps).latents)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sd15", action="store_true", help="SD-1.5-sized random components (use a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=8, help="images per call")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on 2 shared cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    components = sd15_sized_random_components() if args.sd15 else random_components()
+    components.to(args.device, None if dtype == torch.float32 else dtype)
+    pipe = StableDiffusionPipeline(
+        **{**vars(components), "scheduler": DPMSolverMultistepScheduler.from_config(components.scheduler.config)},
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    seeds = list(range(args.batch))
+    scale = 7.5
+
+    def diffusers_generate() -> torch.Tensor:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=scale, generator=generators,
+                    output_type="pt").images
+
+    methods = {
+        "memguard none": lambda: memguard_generate(components, Constant(scale), prompts, seeds, args.steps),
+        "memguard dtp": lambda: memguard_generate(components, DynamicTransition(scale), prompts, seeds, args.steps),
+        "memguard og_dtp": lambda: memguard_generate(components, DynamicTransition(scale, scale), prompts, seeds,
+                                                     args.steps),
+        "diffusers pipeline": diffusers_generate,
+    }
+    synchronize = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # rotate the order each round
+            method = methods[name]
+            synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                method()
+            synchronize()
+            if round_:
+                seconds[name].append(time.perf_counter() - start)
+
+    rate = {name: args.batch / statistics.median(times) for name, times in seconds.items()}
+    print(f"device={args.device} dtype={args.dtype} components={'sd15-sized' if args.sd15 else 'tiny'} "
+          f"batch={args.batch} steps={args.steps} rounds={args.rounds} threads={args.threads}")
+    for name, value in rate.items():
+        spread = (min(seconds[name]), max(seconds[name]))
+        print(f"  {name:20s} {value:8.3f} images/s   (per call: median {args.batch / value:.3f} s, "
+              f"min {spread[0]:.3f} s, max {spread[1]:.3f} s)")
+    best = {name: args.batch / min(times) for name, times in seconds.items()}
+    print("ratios of images/s          median   best")
+    for label, a, b in (("dtp / none", "memguard dtp", "memguard none"),
+                        ("og_dtp / none", "memguard og_dtp", "memguard none"),
+                        ("memguard / diffusers", "memguard none", "diffusers pipeline")):
+        print(f"  {label:24s} {rate[a] / rate[b]:7.3f} {best[a] / best[b]:7.3f}")
+
+
+
+if __name__ == "__main__":
+    main()
