@@ -1,6 +1,7 @@
 """The ``memguard`` command: a sub-command word, then Hydra overrides.
 
     memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
+    memguard evaluate [key=value ...]       (re-)evaluate a run folder: run_dir=DIR references=DIR metrics=...
     memguard random-model DIR [--seed N]    write a tiny random-weight SD folder (tests, demos, benchmarks)
 
 A plain ``@hydra.main`` would read the sub-command word as an override; here it is taken off ``sys.argv``
@@ -72,10 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.runner import run
 
         _hydra_command("run", run, rest)
+    elif command == "evaluate":
+        from memguard.evaluate import evaluate
+
+        _hydra_command("evaluate", evaluate, rest)
     elif command == "random-model":
         _random_model(rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

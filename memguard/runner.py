@@ -1,6 +1,6 @@
 """``run(cfg)``: generate every (prompt, seed) of a scenario under a mitigation into one run folder.
 
-Folder layout (``cfg.paths.run_dir``)::
+Folder layout (``cfg.run_dir``)::
 
     config.yaml          the resolved config
     images/{prompt_idx:05d}_{seed}.png
@@ -77,7 +77,8 @@ def image_name(prompt_idx: int, seed: int) -> str:
 def load_prompts(cfg: DictConfig) -> list[str]:
     """The prompts from ``prompts`` or ``prompts_file`` (one per line, blank lines skipped)."""
     if cfg.prompts is not None and cfg.prompts_file is not None:
-        raise UserError("both prompts and prompts_file are set; give one of them")
+        raise UserError("both prompts and prompts_file are set (a scenario may set prompts); "
+                        "give one of them, e.g. prompts=null prompts_file=FILE")
     if cfg.prompts_file is not None:
         path = Path(cfg.prompts_file).expanduser()
         if not path.is_file():
@@ -97,7 +98,7 @@ def load_seeds(cfg: DictConfig) -> list[int]:
     if cfg.seeds is not None:
         seeds = [int(s) for s in ([cfg.seeds] if isinstance(cfg.seeds, int) else cfg.seeds)]
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise UserError(f"seeds={list(cfg.seeds)} must be a non-empty list of distinct integers >= 0")
+            raise UserError(f"seeds={seeds} must be a non-empty list of distinct integers >= 0")
         return seeds
     if not isinstance(cfg.images_per_prompt, int) or cfg.images_per_prompt < 1:
         raise UserError(f"images_per_prompt={cfg.images_per_prompt} must be an integer >= 1")
@@ -333,7 +334,7 @@ def update_metrics(run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Generate (resuming) every requested image of ``cfg`` into ``cfg.paths.run_dir``; return metrics."""
+    """Generate (resuming) every requested image of ``cfg`` into ``cfg.run_dir``; return metrics."""
     # 1. Check every input that is cheap to check before the folder is touched
     check_settings(cfg)
     prompts, seeds = load_prompts(cfg), load_seeds(cfg)
@@ -344,7 +345,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
 
     # 2. The run folder: same settings as before, or new
-    run_dir = Path(cfg.paths.run_dir)
+    run_dir = Path(cfg.run_dir)
     check_folder(cfg, run_dir)
     records = existing_records(run_dir, prompts, seeds)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -381,4 +382,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("%d images in %s (%d made now, %.1f s)", len(ordered), run_dir, len(todo), seconds)
     if any(math.isnan(v) for r in ordered for v in r.d):
         log.warning("d_t has NaN values: the model produced NaN predictions (try dtype=float32)")
+
+    # 5. Evaluation, unless there is nothing to evaluate with
+    if cfg.evaluate and cfg.metrics.name != "none" and cfg.references is not None:
+        from memguard.evaluate import evaluate
+
+        metrics = evaluate(cfg)
     return metrics

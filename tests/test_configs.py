@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from memguard.cli import CONF_DIR
 from memguard.guidance import GuidanceSchedule
@@ -74,3 +74,11 @@ def test_run_dirs_follow_scenario_and_mitigation() -> None:
 def test_config_dir_ships_with_the_package() -> None:
     assert (CONF_DIR / "config.yaml").is_file()
     assert Path(CONF_DIR).parent.joinpath("memguard", "cli.py").is_file()
+
+
+def test_metrics_options_compose() -> None:
+    assert options("metrics") == ["none", "pixel", "sscd"]
+    embedder = instantiate(compose_config(["metrics=pixel", "metrics.similarity.pool=4"]).metrics.similarity)
+    assert embedder.name == "pixel(size=32,pool=4)"
+    cfg = compose_config(["metrics=sscd"])
+    assert cfg.metrics.similarity.mode == "dcr" and OmegaConf.is_missing(cfg.metrics.similarity, "path")

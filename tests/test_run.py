@@ -21,7 +21,7 @@ PROMPTS = "[a red circle,a blue square]"
 def config(model: Path, run_dir: Path, *extra: str):
     return compose_config([
         "scenario=custom", f"model.path={model}", f"prompts={PROMPTS}", "images_per_prompt=2",
-        "sampler.steps=6", f"paths.run_dir={run_dir}", "progress=false", *extra,
+        "sampler.steps=6", f"run_dir={run_dir}", "progress=false", *extra,
     ])
 
 
