@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from memguard.errors import UserError
+from memguard.errors import UserError, instantiate_checked
 from memguard.metrics.similarity import Embedder, embed_files, nearest_references, summarize
 from memguard.runner import update_metrics
 
@@ -36,16 +35,6 @@ def reference_files(folder: str | Path | None, key: str = "references") -> list[
     return files
 
 
-def build_embedder(cfg: DictConfig) -> Embedder:
-    try:
-        return instantiate(cfg.metrics.similarity)
-    except Exception as err:  # Hydra wraps constructor errors
-        cause = err.__cause__ if err.__cause__ is not None else err
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Similarity of every generation in ``cfg.run_dir`` to its nearest image in ``cfg.references``."""
     # 1. Inputs
@@ -57,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"run_dir={str(run_dir)!r} has no generations.csv; run `memguard run` with the same settings first")
     generations = pd.read_csv(table)
     references = reference_files(cfg.references)
-    embedder = build_embedder(cfg)
+    embedder: Embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
 
     # 2. Embeddings (references cached by content) and nearest references
     log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, PngImagePlugin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler
-from memguard.errors import UserError
+from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule, transition_step
 from memguard.sampling import decode, encode_prompts, initial_noise, sample
 
@@ -135,23 +134,17 @@ def resolve_device(name: str) -> torch.device:
 
 def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedule:
     """Instantiate ``mitigation.schedule`` and check its timesteps against the scheduler's range."""
+    schedule = instantiate_checked(cfg.mitigation.schedule, "mitigation.schedule")
     try:
-        schedule = instantiate(cfg.mitigation.schedule)
         schedule.check_timesteps(num_train_timesteps)
-    except Exception as err:  # Hydra wraps constructor errors in InstantiationException
-        cause = err.__cause__ if err.__cause__ is not None else err
-        if not isinstance(cause, ValueError):
-            raise
-        raise UserError(f"mitigation.schedule.{cause} (mitigation={cfg.mitigation.name})") from err
+    except ValueError as err:
+        raise UserError(f"mitigation.schedule.{err} (mitigation={cfg.mitigation.name})") from err
     return schedule
 
 
 def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> SchedulerMixin:
     """The sampler's diffusers scheduler, configured from the model's own scheduler config."""
-    try:
-        return instantiate(cfg.sampler.scheduler, _partial_=True)(model_scheduler.config)
-    except Exception as err:
-        raise UserError(f"sampler.scheduler could not be built ({err.__cause__ or err})") from err
+    return instantiate_checked(cfg.sampler.scheduler, "sampler.scheduler", model_scheduler.config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
