@@ -35,7 +35,7 @@ from tqdm import tqdm
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule, transition_step
-from memguard.sampling import decode, encode_prompts, initial_noise, sample
+from memguard.sampling import generate_images
 
 log = logging.getLogger(__name__)
 
@@ -215,25 +215,17 @@ def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dic
 # Generation
 
 
-def generate(components: Components, scheduler, schedule: GuidanceSchedule, todo: list[tuple[int, int]],
-             prompts: list[str], steps: int, resolution: int, batch_size: int, image_dir: Path,
-             progress: bool = True) -> list[Record]:
+def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
+             todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
+             image_dir: Path, progress: bool = True) -> list[Record]:
     """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each."""
-    factor = components.vae_scale_factor
-    if resolution % factor:
-        raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {factor}")
-    device = components.unet.device
-    shape = (components.unet.config.in_channels, resolution // factor, resolution // factor)
-    empty = encode_prompts(components, [""])
     records = []
     with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             batch_prompts = [prompts[idx] for idx, _ in batch]
-            cond = encode_prompts(components, batch_prompts)
-            noise = initial_noise([seed for _, seed in batch], shape, device, components.unet.dtype)
-            traj = sample(components.unet, scheduler, cond, empty.expand_as(cond), noise, schedule, steps)
-            images = decode(components, traj.latents)
+            images, traj = generate_images(components, scheduler, schedule, batch_prompts,
+                                           [seed for _, seed in batch], steps, resolution)
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             for i, (idx, seed) in enumerate(batch):
                 record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i])
@@ -350,8 +342,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     if todo:
         components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
-        resolution = cfg.resolution or components.default_resolution
-        for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, resolution,
+        for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
                                cfg.batch_size, run_dir / "images", cfg.progress):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started

@@ -93,3 +93,23 @@ def decode(components: Components, latents: Tensor) -> Tensor:
     vae = components.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
+                    prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                    resolution: int | None = None) -> tuple[Tensor, Trajectory]:
+    """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
+    decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
+    model's own (UNet sample size times the VAE factor)."""
+    from memguard.errors import UserError
+
+    factor = components.vae_scale_factor
+    side = resolution or components.default_resolution
+    if side % factor:
+        raise UserError(f"resolution={side} must be a multiple of the VAE factor {factor}")
+    cond = encode_prompts(components, prompts)
+    uncond = encode_prompts(components, [""]).expand_as(cond)
+    unet = components.unet
+    noise = initial_noise(seeds, (unet.config.in_channels, side // factor, side // factor), unet.device, unet.dtype)
+    trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
+    return decode(components, trajectory.latents), trajectory

@@ -21,7 +21,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from memguard.components import Components, random_components, sd15_sized_random_components
 from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule
-from memguard.sampling import decode, encode_prompts, initial_noise, sample
+from memguard.sampling import generate_images
 
 PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding a horse", "a green square",
            "an oil painting of a harbour at dusk"]
@@ -29,12 +29,8 @@ PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding 
 
 def memguard_generate(c: Components, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
                       steps: int) -> torch.Tensor:
-    cond = encode_prompts(c, prompts)
-    uncond = encode_prompts(c, [""]).expand_as(cond)
-    side = c.unet.config.sample_size
-    noise = initial_noise(seeds, (c.unet.config.in_channels, side, side), c.unet.device, c.unet.dtype)
     scheduler = DPMSolverMultistepScheduler.from_config(c.scheduler.config)
-    return decode(c, sample(c.unet, scheduler, cond, uncond, noise, schedule, steps).latents)
+    return generate_images(c, scheduler, schedule, prompts, seeds, steps)[0]
 
 
 def main() -> None:

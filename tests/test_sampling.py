@@ -9,18 +9,14 @@ from diffusers import StableDiffusionPipeline
 
 from memguard.components import Components
 from memguard.guidance import Constant, DynamicTransition
-from memguard.sampling import decode, encode_prompts, initial_noise, sample
+from memguard.sampling import encode_prompts, generate_images, initial_noise, sample
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 SEEDS = [11, 12]
 
 
 def memguard_images(components: Components, scheduler, schedule, prompts=PROMPTS, seeds=SEEDS, steps=8):
-    cond = encode_prompts(components, prompts)
-    uncond = encode_prompts(components, [""]).expand_as(cond)
-    shape = (components.unet.config.in_channels, components.unet.config.sample_size, components.unet.config.sample_size)
-    traj = sample(components.unet, scheduler, cond, uncond, initial_noise(seeds, shape), schedule, steps)
-    return decode(components, traj.latents), traj
+    return generate_images(components, scheduler, schedule, prompts, seeds, steps)
 
 
 @pytest.mark.parametrize("scheduler_name", ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])

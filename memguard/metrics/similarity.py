@@ -18,7 +18,6 @@ Embedders:
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,5 +181,4 @@ def embed_files(files: Sequence[str | Path], embedder: Embedder, batch_size: int
         tmp = cache_file.with_suffix(".tmp")
         torch.save({"embeddings": embeddings, "embedder": embedder.name, "files": [str(f) for f in files]}, tmp)
         tmp.replace(cache_file)
-        cache_file.with_suffix(".json").write_text(json.dumps({"embedder": embedder.name, "n": len(files)}))
     return embeddings
