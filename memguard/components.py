@@ -23,6 +23,7 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FOLDER_HELP = (
     "a diffusers Stable Diffusion folder holds model_index.json and the subfolders "
     + ", ".join(f"{s}/" for s in SUBFOLDERS)
+    + " (vae/ may be absent only where model_index.json sets vae to null: a pixel-space model)"
     + " (as written by StableDiffusionPipeline.save_pretrained, or fetched with "
     "`huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir DIR` on a machine with network)"
 )
@@ -33,23 +34,42 @@ class Components:
     """The parts of a Stable Diffusion pipeline that memguard's sampling loop uses."""
 
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: a pixel-space model, whose UNet denoises images in [-1, 1]
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def default_resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.networks:
             module.to(device) if dtype is None else module.to(device, dtype)
         return self
+
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` is CUDA where torch sees a GPU, else CPU; a device torch cannot use is a UserError."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:N, mps)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but torch sees no CUDA GPU; use device=cpu or device=auto")
+    return device
 
 
 def check_model_folder(path: str | Path, key: str = "model.path") -> Path:
@@ -57,15 +77,25 @@ def check_model_folder(path: str | Path, key: str = "model.path") -> Path:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise UserError(f"{key}={str(path)!r} is not a folder; {FOLDER_HELP}")
-    missing = [f"{s}/" for s in SUBFOLDERS if not (folder / s).is_dir()]
+    missing = [f"{s}/" for s in SUBFOLDERS if not (folder / s).is_dir() and not (s == "vae" and _pixel_space(folder))]
     if missing:
         raise UserError(f"{key}={str(path)!r} lacks {', '.join(missing)}; {FOLDER_HELP}")
     return folder
 
 
+def _pixel_space(folder: Path) -> bool:
+    """Whether the folder's model_index.json declares no VAE (``"vae": [null, null]``)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "vae" in index and index["vae"] in (None, [None, None])
+
+
 def load_components(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     key: str = "model.path") -> Components:
-    """Load unet, vae, text encoder, tokenizer and scheduler from a local diffusers SD folder."""
+    """Load unet, vae, text encoder, tokenizer and scheduler from a local diffusers SD folder (no vae where
+    ``model_index.json`` declares none: a pixel-space model such as the tiny scenario's)."""
     from transformers.utils import logging as transformers_logging
 
     folder = check_model_folder(path, key)
@@ -73,14 +103,14 @@ def load_components(path: str | Path, device: str | torch.device = "cpu", dtype:
     try:
         components = Components(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+            vae=None if _pixel_space(folder) else AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
             text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             scheduler=load_scheduler(folder),
         )
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise UserError(f"{key}={str(path)!r} could not be loaded ({err}); {FOLDER_HELP}") from err
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in components.networks:
         module.requires_grad_(False).eval()
     return components.to(device)
 
@@ -167,15 +197,21 @@ def sd15_sized_random_components(seed: int = 0) -> Components:
     return _assemble(unet, vae, text_encoder)
 
 
-def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Components:
-    """Add the CLIP tokenizer and SD's scaled-linear scheduler; freeze the networks."""
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+def sd_scheduler(beta_schedule: str = "scaled_linear") -> DDIMScheduler:
+    """Stable Diffusion's scheduler config over 1000 steps, eps-prediction: by default its scaled-linear betas
+    0.00085 .. 0.012; ``squaredcos_cap_v2`` gives the cosine schedule (Nichol & Dhariwal) instead."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule, clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
     )
-    for module in (unet, vae, text_encoder):
+
+
+def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL | None, text_encoder: CLIPTextModel) -> Components:
+    """Add the CLIP tokenizer and SD's scaled-linear scheduler; freeze the networks."""
+    components = Components(unet, vae, text_encoder, clip_tokenizer(), sd_scheduler())
+    for module in components.networks:
         module.requires_grad_(False).eval()
-    return Components(unet, vae, text_encoder, clip_tokenizer(), scheduler)
+    return components
 
 
 def save_components(components: Components, folder: str | Path) -> Path:

@@ -1,21 +1,32 @@
-"""``evaluate(cfg)``: score a finished run folder against its scenario's reference images.
+"""``evaluate(cfg)``: score a finished run folder; each stage runs when ``cfg.metrics`` sets it.
 
-Adds per-image columns ``similarity`` and ``nearest_reference`` to ``generations.csv`` and a ``similarity``
-entry to ``metrics.json`` (95th percentile, mean, std, fraction above the threshold, and the embedder that made
-them). Re-evaluating a folder replaces those columns and that entry; the images are never touched.
+- ``metrics.similarity`` (an embedder): per image ``similarity`` and ``nearest_reference`` (max cosine over the
+  reference images ``cfg.references``); aggregate 95th percentile, mean, std, fraction above ``threshold`` and
+  above ``copy_threshold`` (where the scenario calibrated one).
+- ``metrics.alignment`` (a scorer): per image ``alignment``, scored against the prompt the run was asked for
+  (``generations.csv``'s ``prompt``, also where a baseline changed what the model saw); aggregate mean, std.
+- ``metrics.fid`` (a feature extractor): Frechet distance of the generations' features to the references'.
+
+Every aggregate names the network that made it and, where the prompts carry groups (``group`` in a JSONL
+prompts file), is also given per group. Re-evaluating replaces these columns and entries; images are never
+touched.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from memguard.errors import UserError, instantiate_checked
-from memguard.metrics.similarity import Embedder, embed_files, nearest_references, summarize
+from memguard.metrics.fid import frechet_distance
+from memguard.metrics.similarity import embed_files, load_images, nearest_references, summarize
 from memguard.runner import update_metrics
 
 log = logging.getLogger(__name__)
@@ -35,31 +46,78 @@ def reference_files(folder: str | Path | None, key: str = "references") -> list[
     return files
 
 
+def by_group(generations: pd.DataFrame, column: str, summary: Callable[[torch.Tensor], dict[str, float]]) -> dict:
+    """``summary`` of ``column`` for every prompt group, where there is more than one group."""
+    if "group" not in generations or generations.group.nunique() < 2:
+        return {}
+    return {"groups": {str(g): summary(torch.tensor(rows[column].to_numpy()))
+                       for g, rows in generations.groupby("group", sort=False)}}
+
+
+def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) -> dict[str, Any]:
+    references = reference_files(cfg.references)
+    embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
+    log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))
+    nearest = nearest_references(embed_files([run_dir / f for f in generations.file], embedder),
+                                 embed_files(references, embedder, cache_dir=cfg.paths.cache_dir))
+    root = Path(cfg.references).expanduser()
+    generations["similarity"] = nearest.similarity.numpy()
+    generations["nearest_reference"] = [str(references[i].relative_to(root)) for i in nearest.index.tolist()]
+
+    def summary(values: torch.Tensor) -> dict[str, float]:
+        out = summarize(values, cfg.metrics.threshold)
+        if cfg.metrics.copy_threshold is not None:
+            out["copy_fraction"] = float((values > cfg.metrics.copy_threshold).double().mean())
+        return out
+
+    result = {"embedder": embedder.name, "threshold": cfg.metrics.threshold,
+              "copy_threshold": cfg.metrics.copy_threshold, "references": len(references),
+              **summary(nearest.similarity), **by_group(generations, "similarity", summary)}
+    log.info("similarity p95 %.4f, mean %.4f +- %.4f", result["p95"], result["mean"], result["std"])
+    return {"similarity": result}
+
+
+def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, batch_size: int = 64) -> dict[str, Any]:
+    scorer = instantiate_checked(cfg.metrics.alignment, "metrics.alignment")
+    scores = []
+    for start in tqdm(range(0, len(generations), batch_size), desc="alignment", disable=not cfg.progress):
+        rows = generations.iloc[start : start + batch_size]
+        scores.append(scorer(load_images([run_dir / f for f in rows.file]), list(rows.prompt)))
+    generations["alignment"] = torch.cat(scores).numpy()
+
+    def summary(values: torch.Tensor) -> dict[str, float]:
+        return {"mean": float(values.double().mean()), "std": float(values.double().std(unbiased=False))}
+
+    result = {"scorer": scorer.name, **summary(torch.tensor(generations.alignment.to_numpy())),
+              **by_group(generations, "alignment", summary)}
+    log.info("alignment (%s) %.4f +- %.4f", scorer.name, result["mean"], result["std"])
+    return {"alignment": result}
+
+
+def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) -> dict[str, Any]:
+    references = reference_files(cfg.references)
+    features = instantiate_checked(cfg.metrics.fid, "metrics.fid")
+    value = frechet_distance(embed_files([run_dir / f for f in generations.file], features),
+                             embed_files(references, features, cache_dir=cfg.paths.cache_dir))
+    log.info("%s %.3f with %s", features.kind, value, features.name)
+    return {"fid": {"kind": features.kind, "features": features.name, "value": value,
+                    "generations": len(generations), "references": len(references)}}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Similarity of every generation in ``cfg.run_dir`` to its nearest image in ``cfg.references``."""
-    # 1. Inputs
-    if cfg.metrics.name == "none":
-        raise UserError("metrics=none: choose metrics=pixel, or metrics=sscd metrics.similarity.path=FILE")
+    """Run every metric stage ``cfg.metrics`` sets on the folder ``cfg.run_dir``; return its metrics."""
+    stages = [(name, stage) for name, stage in
+              (("similarity", similarity_stage), ("alignment", alignment_stage), ("fid", fid_stage))
+              if cfg.metrics.get(name) is not None]
+    if not stages:
+        raise UserError(f"metrics={cfg.metrics.name} sets no metric: choose metrics=pixel, tiny, sscd or paper")
     run_dir = Path(cfg.run_dir)
     table = run_dir / "generations.csv"
     if not table.is_file():
         raise UserError(f"run_dir={str(run_dir)!r} has no generations.csv; run `memguard run` with the same settings first")
     generations = pd.read_csv(table)
-    references = reference_files(cfg.references)
-    embedder: Embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
-
-    # 2. Embeddings (references cached by content) and nearest references
-    log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))
-    ref_embeddings = embed_files(references, embedder, cache_dir=cfg.paths.cache_dir)
-    gen_embeddings = embed_files([run_dir / f for f in generations.file], embedder)
-    nearest = nearest_references(gen_embeddings, ref_embeddings)
-
-    # 3. Per-image columns and the aggregate
-    root = Path(cfg.references).expanduser()
-    generations["similarity"] = nearest.similarity.numpy()
-    generations["nearest_reference"] = [str(references[i].relative_to(root)) for i in nearest.index.tolist()]
+    results: dict[str, Any] = {}
+    for _, stage in stages:
+        results.update(stage(cfg, run_dir, generations))
     generations.to_csv(table, index=False)
-    summary = {"embedder": embedder.name, "threshold": cfg.metrics.threshold, "references": len(references),
-               **summarize(nearest.similarity, cfg.metrics.threshold)}
-    log.info("similarity p95 %.4f, mean %.4f +- %.4f", summary["p95"], summary["mean"], summary["std"])
-    return update_metrics(run_dir, {"similarity": summary})
+    return update_metrics(run_dir, results)

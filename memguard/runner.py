@@ -32,7 +32,7 @@ from PIL import Image, PngImagePlugin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
-from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler
+from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule, transition_step
 from memguard.sampling import generate_images
@@ -73,23 +73,46 @@ def image_name(prompt_idx: int, seed: int) -> str:
 # Inputs
 
 
-def load_prompts(cfg: DictConfig) -> list[str]:
-    """The prompts from ``prompts`` or ``prompts_file`` (one per line, blank lines skipped)."""
+PROMPT_FIELDS = ("prompt", "caption", "text")
+
+
+def _read_prompts_file(path: Path) -> tuple[list[str], list[str | None]]:
+    """A ``.jsonl`` file (one object per line: ``prompt``, ``caption`` or ``text``, optional ``group``) or a text
+    file (one prompt per line, blank lines skipped)."""
+    if path.suffix != ".jsonl":
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return prompts, [None] * len(prompts)
+    prompts, groups = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompts.append(str(next(row[f] for f in PROMPT_FIELDS if f in row)))
+        except (json.JSONDecodeError, StopIteration, TypeError) as err:
+            raise UserError(f"prompts_file={str(path)!r} line {number} is not a JSON object with one of the fields "
+                            f"{', '.join(PROMPT_FIELDS)}") from err
+        groups.append(None if row.get("group") is None else str(row["group"]))
+    return prompts, groups
+
+
+def load_prompts(cfg: DictConfig) -> tuple[list[str], list[str | None]]:
+    """The prompts from ``prompts`` or ``prompts_file``, and each prompt's group (None where not given)."""
     if cfg.prompts is not None and cfg.prompts_file is not None:
         raise UserError("both prompts and prompts_file are set (a scenario may set prompts); "
                         "give one of them, e.g. prompts=null prompts_file=FILE")
     if cfg.prompts_file is not None:
         path = Path(cfg.prompts_file).expanduser()
         if not path.is_file():
-            raise UserError(f"prompts_file={str(cfg.prompts_file)!r} is not a file; give a text file with one prompt per line")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif isinstance(cfg.prompts, str):
-        prompts = [cfg.prompts]
+            raise UserError(f"prompts_file={str(cfg.prompts_file)!r} is not a file; give a text file with one prompt "
+                            "per line, or a .jsonl file with a prompt (and optional group) per line")
+        prompts, groups = _read_prompts_file(path)
     else:
-        prompts = [str(p) for p in (cfg.prompts or [])]
+        prompts = [cfg.prompts] if isinstance(cfg.prompts, str) else [str(p) for p in (cfg.prompts or [])]
+        groups = [None] * len(prompts)
     if not prompts:
         raise UserError("no prompts: give prompts='[a photo of ..., ...]' or prompts_file=FILE (one prompt per line)")
-    return prompts
+    return prompts, groups
 
 
 def load_seeds(cfg: DictConfig) -> list[int]:
@@ -118,18 +141,6 @@ def check_settings(cfg: DictConfig) -> None:
         raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1")
     if not isinstance(cfg.sampler.steps, int) or cfg.sampler.steps < 1:
         raise UserError(f"sampler.steps={cfg.sampler.steps} must be an integer >= 1")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:N, mps)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but torch sees no CUDA GPU; use device=cpu or device=auto")
-    return device
 
 
 def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedule:
@@ -255,7 +266,7 @@ def transition_summary(records: list[Record]) -> dict[str, Any]:
     }
 
 
-def write_tables(run_dir: Path, records: list[Record]) -> None:
+def write_tables(run_dir: Path, records: list[Record], groups: list[str | None]) -> None:
     import pandas as pd
 
     pd.DataFrame([
@@ -263,7 +274,8 @@ def write_tables(run_dir: Path, records: list[Record]) -> None:
         for r in records for k, (t, d, s) in enumerate(zip(r.timesteps, r.d, r.scale))
     ]).to_csv(run_dir / "trajectories.csv", index=False)
     pd.DataFrame([
-        {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "seed": r.seed, "file": f"images/{r.file}",
+        {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": groups[r.prompt_idx], "seed": r.seed,
+         "file": f"images/{r.file}",
          "transition_step": r.transition_step,
          "transition_timestep": None if r.transition_step is None else r.timesteps[r.transition_step]}
         for r in records
@@ -322,7 +334,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (resuming) every requested image of ``cfg`` into ``cfg.run_dir``; return metrics."""
     # 1. Check every input that is cheap to check before the folder is touched
     check_settings(cfg)
-    prompts, seeds = load_prompts(cfg), load_seeds(cfg)
+    if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first
+        instantiate_checked(cfg.dataset, "dataset")
+    (prompts, groups), seeds = load_prompts(cfg), load_seeds(cfg)
+    evaluating = cfg.evaluate and any(cfg.metrics.get(k) is not None for k in ("similarity", "alignment", "fid"))
+    if evaluating and cfg.references is None and (cfg.metrics.similarity is not None or cfg.metrics.fid is not None):
+        raise UserError(f"metrics={cfg.metrics.name} compares with reference images but references is not set; "
+                        "give references=DIR, or evaluate=false")
     device = resolve_device(cfg.device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
@@ -349,7 +367,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # 4. Tables, figures, metrics
     ordered = [records[(i, s)] for i in range(len(prompts)) for s in seeds]
-    write_tables(run_dir, ordered)
+    write_tables(run_dir, ordered, groups)
     write_figures(run_dir, ordered, seeds)
     metrics = update_metrics(run_dir, {
         "scenario": cfg.scenario.name,
@@ -367,8 +385,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if any(math.isnan(v) for r in ordered for v in r.d):
         log.warning("d_t has NaN values: the model produced NaN predictions (try dtype=float32)")
 
-    # 5. Evaluation, unless there is nothing to evaluate with
-    if cfg.evaluate and cfg.metrics.name != "none" and cfg.references is not None:
+    # 5. Evaluation, unless told not to or metrics=none
+    if evaluating:
         from memguard.evaluate import evaluate
 
         metrics = evaluate(cfg)

@@ -89,8 +89,11 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
 
 @torch.no_grad()
 def decode(components: Components, latents: Tensor) -> Tensor:
-    """Decode latents with the VAE into images in ``[0, 1]``, shape ``(B, 3, H, W)``, float32."""
+    """Decode latents with the VAE into images in ``[0, 1]``, shape ``(B, 3, H, W)``, float32 (a pixel-space
+    model's latents are the images in ``[-1, 1]``)."""
     vae = components.vae
+    if vae is None:
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 

@@ -27,7 +27,7 @@ def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
 @pytest.mark.parametrize("mitigation", options("mitigation"))
 def test_every_mitigation_instantiates_a_schedule(mitigation: str) -> None:
     cfg = compose_config([f"mitigation={mitigation}"])
-    assert cfg.mitigation.name == mitigation
+    assert cfg.mitigation.name.startswith(mitigation)  # parameterised ones carry their values: stp_t500
     schedule = instantiate(cfg.mitigation.schedule)
     assert isinstance(schedule, GuidanceSchedule)
     schedule.check_timesteps(1000)
@@ -77,8 +77,20 @@ def test_config_dir_ships_with_the_package() -> None:
 
 
 def test_metrics_options_compose() -> None:
-    assert options("metrics") == ["none", "pixel", "sscd"]
+    assert options("metrics") == ["none", "paper", "pixel", "sscd", "tiny"]
+    for option in options("metrics"):  # every option sets every stage key (null where it has no such metric)
+        metrics = compose_config([f"metrics={option}"]).metrics
+        assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid"}
     embedder = instantiate(compose_config(["metrics=pixel", "metrics.similarity.pool=4"]).metrics.similarity)
     assert embedder.name == "pixel(size=32,pool=4)"
-    cfg = compose_config(["metrics=sscd"])
-    assert cfg.metrics.similarity.mode == "dcr" and OmegaConf.is_missing(cfg.metrics.similarity, "path")
+    cfg = compose_config(["metrics=paper", "device=cpu"])
+    assert cfg.metrics.similarity.mode == "dcr"
+    assert cfg.metrics.similarity.path == "weights/sscd_disc_large.torchscript.pt"
+    assert cfg.metrics.fid.path == "weights/weights-inception-2015-12-05-6726825d.pth"
+
+
+def test_parameterised_mitigations_get_one_run_folder_per_value() -> None:
+    names = {compose_config(["mitigation=stp", f"mitigation.schedule.tau={tau}"]).run_name for tau in (300, 700)}
+    assert names == {"random_tiny/stp_t300", "random_tiny/stp_t700"}
+    cfg = compose_config(["mitigation=interval", "mitigation.schedule.t_hi=600"])
+    assert cfg.mitigation.name == "interval_600_0"

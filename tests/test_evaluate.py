@@ -57,7 +57,7 @@ def test_run_evaluates_at_the_end_when_metrics_are_chosen(tiny_model_dir: Path, 
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["metrics=none", "references=/x"], "metrics=none: choose metrics=pixel"),
+    (["metrics=none", "references=/x"], "metrics=none sets no metric: choose metrics=pixel"),
     (["metrics=pixel"], "references is not set"),
     (["metrics=pixel", "references=/no/such/dir"], "references='/no/such/dir' is not a folder"),
     (["metrics=sscd", "metrics.similarity.path=/no/sscd.pt", "references=REFS"], "metrics.similarity.path='/no/sscd.pt' is not a file"),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from memguard.components import resolve_device
 from memguard.errors import UserError
 
 SSCD_URL = "https://github.com/facebookresearch/sscd-copy-detection (README: pretrained models)"
@@ -74,6 +75,7 @@ class SSCDEmbedder(Embedder):
 
     def __init__(self, path: str | Path, mode: str = "dcr", device: str | torch.device = "cpu",
                  key: str = "metrics.similarity.path") -> None:
+        device = resolve_device(device)
         if mode not in SSCD_PREPROCESSING:
             raise UserError(f"SSCD preprocessing mode={mode!r} is not one of {', '.join(SSCD_PREPROCESSING)}")
         file = Path(path).expanduser()
