@@ -2,6 +2,8 @@
 
     memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
     memguard evaluate [key=value ...]       (re-)evaluate a run folder: run_dir=DIR references=DIR metrics=...
+    memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
+    memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
     memguard random-model DIR [--seed N]    write a tiny random-weight SD folder (tests, demos, benchmarks)
 
 A plain ``@hydra.main`` would read the sub-command word as an override; here it is taken off ``sys.argv``
@@ -21,7 +23,7 @@ from typing import Any
 import memguard  # noqa: F401  (import order: makes the torch stack importable)
 from memguard.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = memguard.ROOT / "conf"
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -63,6 +65,18 @@ def _random_model(args: list[str]) -> None:
     print(f"wrote a random-weight tiny SD folder (it memorizes nothing) to {options.folder}")
 
 
+def _tables(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="memguard tables", description="Collect run folders into the paper's tables.")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="holds runs/; tables/ is written there")
+    options = parser.parse_args(args)
+    from memguard.tables import write_tables
+
+    for path in write_tables(options.output_dir):
+        if path.suffix == ".md":
+            print(path.read_text())
+    print(f"tables written to {options.output_dir / 'tables'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -77,10 +91,16 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.evaluate import evaluate
 
         _hydra_command("evaluate", evaluate, rest)
+    elif command == "train":
+        from memguard.train import train_from_config
+
+        _hydra_command("train", train_from_config, rest)
+    elif command == "tables":
+        _tables(rest)
     elif command == "random-model":
         _random_model(rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, train, tables, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,223 @@
+"""Text-to-image denoiser training: the loss of Stable Diffusion, for the tiny scenario's model.
+
+    loss = E_{x0, c, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, tau(c')) ||^2,
+    c' = ""  with probability ``cond_dropout`` (so one network learns eps_u and eps_c, as CFG needs), else c
+
+with t uniform over the scheduler's 1000 training timesteps and the scheduler's own noise schedule. The UNet
+and the text encoder are trained together from scratch; sampling uses an exponential moving average of both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from torch import Tensor
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from memguard.components import Components, clip_tokenizer, sd_scheduler
+
+
+def tiny_components(seed: int = 0, size: int = 16, width: int = 32, text_width: int = 64,
+                    beta_schedule: str = "squaredcos_cap_v2") -> Components:
+    """The tiny scenario's architecture, untrained: a pixel-space UNet2DConditionModel (no VAE) with
+    cross-attention at its inner level over a 2-layer CLIPTextModel, the real CLIP tokenizer, and SD's scheduler
+    config with the cosine noise schedule by default.
+
+    Why cosine and not SD's scaled-linear: at 16 px the scaled-linear schedule ends at abar_T = 0.0047, so
+    at t = T the training input still carries sqrt(abar_T) = 0.07 of the image's mean colour, about the standard
+    deviation (1/16) of the mean of 256 noise pixels. The model learns to read the image's colour there, and at
+    sampling reads it from the seed's noise instead: backgrounds took their colour from the seed, whatever the
+    caption said. The cosine schedule ends at abar_T = 2e-9 (zero terminal SNR in effect), so the model
+    must make colour from the caption.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_width, attention_head_dim=8,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+    return Components(unet, None, text_encoder, clip_tokenizer(), sd_scheduler(beta_schedule))
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+
+
+def tokenize(components: Components, captions: Sequence[str]) -> Tensor:
+    """Token ids ``(N, 77)`` as the sampler encodes prompts (padding to max length, truncation)."""
+    tok = components.tokenizer
+    return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def train_denoiser(components: Components, images: Tensor, captions: Sequence[str], weights: Sequence[int],
+                   settings: TrainSettings, progress: bool = True) -> list[float]:
+    """Train ``components.unet`` and ``components.text_encoder`` in place; they end holding the EMA weights.
+
+    ``images``: ``(N, C, H, W)`` in ``[-1, 1]`` (the UNet's input space); ``captions[i]`` describes image ``i``
+    and ``weights[i]`` is how often it occurs in the training set (a duplicated image has weight > 1).
+    Returns the loss per step.
+    """
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    ids, empty = tokenize(components, captions), tokenize(components, [""])
+    probabilities = torch.tensor(weights, dtype=torch.float64)
+    alphas_cumprod = components.scheduler.alphas_cumprod.float()
+    train_steps = len(alphas_cumprod)
+    networks = torch.nn.ModuleList([components.unet, components.text_encoder]).train().requires_grad_(True)
+    ema = copy.deepcopy(networks).requires_grad_(False)
+    optimizer = torch.optim.AdamW(networks.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / settings.warmup) * (
+        0.55 + 0.45 * math.cos(math.pi * k / settings.steps)))
+
+    losses = []
+    with tqdm(range(settings.steps), desc="training", unit="step", disable=not progress) as bar:
+        for step in bar:
+            idx = torch.multinomial(probabilities, settings.batch_size, replacement=True, generator=generator)
+            x0 = images[idx]
+            drop = torch.rand(len(idx), generator=generator) < settings.cond_dropout
+            tokens = torch.where(drop[:, None], empty, ids[idx])
+            t = torch.randint(0, train_steps, (len(idx),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            text = components.text_encoder(tokens)[0]
+            loss = F.mse_loss(components.unet(x_t, t, encoder_hidden_states=text).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            decay = min(settings.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), networks.parameters()):
+                    e.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+
+    with torch.no_grad():
+        for p, e in zip(networks.parameters(), ema.parameters()):
+            p.copy_(e)
+    networks.eval().requires_grad_(False)
+    return losses
+
+
+def load_training_set(data_dir: str | Path) -> tuple[Tensor, list[str], list[int]]:
+    """A captioned image folder (``metadata.jsonl`` with ``file_name``, ``text`` and optional ``repeats``) as
+    images ``(N, 3, H, W)`` in ``[-1, 1]``, captions and repeat counts."""
+    import json
+
+    from memguard.metrics.similarity import load_images
+
+    root = Path(data_dir)
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    images = load_images([root / r["file_name"] for r in rows]) * 2 - 1
+    return images, [r["text"] for r in rows], [int(r.get("repeats", 1)) for r in rows]
+
+
+def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: int = 2000, seed: int = 99,
+                             percentile: float = 99.0) -> float:
+    """The ``percentile`` of the similarity of ``n`` fresh procedural images (drawn with ``seed``, so never
+    trained on) to their nearest training image: above it, a generation is closer to a training image than
+    99% of new images are, i.e. a copy."""
+    import numpy as np
+
+    from memguard.metrics.similarity import embed_files, nearest_references
+    from memguard.procedural import random_images, read_metadata
+
+    root = Path(data_dir)
+    pixels, _ = random_images(n, seed, size)
+    fresh = embedder(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255)
+    references = embed_files([root / r.file_name for r in read_metadata(root)], embedder)
+    return float(np.percentile(nearest_references(fresh, references).similarity.numpy(), percentile))
+
+
+def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, Any], settings: TrainSettings,
+               similarity: Any, alignment: dict[str, Any] | None = None, fp16_weights: bool = True,
+               progress: bool = True) -> Path:
+    """The tiny scenario's model, from nothing: write the procedural dataset to ``output_dir/data``, train the
+    denoiser on it, train the attribute classifier (``alignment.pt``) on fresh procedural images, calibrate the
+    copy threshold of the ``similarity`` embedder, and save a diffusers folder ``output_dir/model`` (weights
+    stored as float16 to halve the checkpoint; loaded as float32) with ``memguard_train.json`` recording the
+    dataset and its digest, architecture, settings, time, final loss, classifier accuracy and threshold."""
+    import time
+
+    from memguard.components import save_components
+    from memguard.metrics.alignment import save_attribute_net, train_attribute_net
+    from memguard.procedural import dataset_digest, write_dataset
+
+    out = Path(output_dir)
+    if (out / "model").exists():
+        raise FileExistsError(f"{out / 'model'} exists; choose another output folder")
+    data_dir = write_dataset(out / "data", **data)
+    images, captions, repeats = load_training_set(data_dir)
+    components = tiny_components(**model)
+    started = time.perf_counter()
+    losses = train_denoiser(components, images, captions, repeats, settings, progress)
+    seconds = time.perf_counter() - started
+    if fp16_weights:
+        components.to("cpu", torch.float16)
+    folder = save_components(components, out / "model")
+    net, accuracy = train_attribute_net(size=data.get("size", 16), **(alignment or {}))
+    save_attribute_net(net, accuracy, folder / "alignment.pt")
+    record = {"data": data, "dataset_digest": dataset_digest(data_dir), "model": model, "settings": vars(settings),
+              "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+              "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
+              "weights_dtype": "float16" if fp16_weights else "float32",
+              "alignment_held_out_accuracy": accuracy,
+              "copy_threshold": {"embedder": similarity.name, "percentile": 99.0,
+                                 "value": calibrate_copy_threshold(data_dir, similarity, data.get("size", 16))}}
+    (folder / "memguard_train.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "losses.json").write_text(json.dumps(losses))
+    return folder
+
+
+def train_from_config(cfg: Any) -> Path:
+    """``memguard train scenario=tiny``: :func:`train_tiny` with the scenario's ``dataset`` and ``train`` keys."""
+    from omegaconf import OmegaConf
+
+    from memguard.errors import UserError, instantiate_checked
+
+    if cfg.get("train") is None or cfg.get("dataset") is None:
+        raise UserError(f"scenario={cfg.scenario.name} has no training recipe (train, dataset); "
+                        "`memguard train` trains scenario=tiny")
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+            if k not in ("_target_", "folder", "digest")}
+    settings = TrainSettings(**OmegaConf.to_container(cfg.train.settings, resolve=True))
+    try:
+        folder = train_tiny(cfg.train.output_dir, data, dict(cfg.train.model), settings,
+                            instantiate_checked(cfg.metrics.similarity, "metrics.similarity"),
+                            dict(cfg.train.alignment), progress=cfg.progress)
+    except FileExistsError as err:
+        raise UserError(f"train.output_dir: {err}") from err
+    print(f"trained model in {folder}; to make it the tiny scenario's model: model.path={folder} "
+          f"dataset.digest={json.loads((folder / 'memguard_train.json').read_text())['dataset_digest']}")
+    return folder

@@ -1,0 +1,72 @@
+"""Training the tiny scenario's model: a pixel-space folder that loads like SD, and `memguard train` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from memguard.components import load_components, save_components
+from memguard.guidance import Constant
+from memguard.sampling import generate_images
+from memguard.train import TrainSettings, tiny_components, train_denoiser
+from tests.test_cli import memguard
+
+
+def test_pixel_space_model_saves_and_loads_like_stable_diffusion(tmp_path: Path) -> None:
+    components = tiny_components(seed=1, width=32)
+    folder = save_components(components, tmp_path / "tiny")
+    assert not (folder / "vae").exists()
+    loaded = load_components(folder)
+    assert loaded.vae is None and loaded.vae_scale_factor == 1 and loaded.default_resolution == 16
+    assert loaded.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    images, traj = generate_images(loaded, loaded.scheduler, Constant(7.5), ["a red circle on a grey background"] * 2,
+                                   [0, 1], steps=3)
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1 and traj.d.shape == (2, 3)
+
+
+def test_training_lowers_the_denoising_loss() -> None:
+    components = tiny_components(seed=0, width=32)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    losses = train_denoiser(components, images, ["a red circle"] * 8, [1] * 8,
+                            TrainSettings(steps=40, batch_size=8, warmup=5, lr=2e-3), progress=False)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert not components.unet.training and not any(p.requires_grad for p in components.unet.parameters())
+
+
+SMALL_RECIPE = ["dataset.n_unique=24", "dataset.n_trigger=1", "dataset.n_shared=1", "dataset.repeats=3",
+                "dataset.n_eval_unique=2", "train.settings.steps=2", "train.settings.batch_size=4",
+                "train.settings.warmup=1", "train.alignment.n_train=256", "train.alignment.n_test=64",
+                "train.alignment.epochs=1"]
+
+
+@pytest.mark.slow
+def test_train_then_run_and_evaluate_the_trained_folder(tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    result = memguard("train", "scenario=tiny", f"train.output_dir={out}", *SMALL_RECIPE, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "model" / "memguard_train.json").read_text())
+    assert record["settings"]["steps"] == 2 and record["weights_dtype"] == "float16"
+    assert 0 < record["copy_threshold"]["value"] < 1 and record["copy_threshold"]["embedder"] == "pixel(size=16,pool=2)"
+    assert set(record["alignment_held_out_accuracy"]) == {"shape", "colour", "background"}
+    assert (out / "model" / "alignment.pt").is_file()
+
+    run_dir = tmp_path / "run"
+    result = memguard("run", "scenario=tiny", f"model.path={out / 'model'}", f"dataset.folder={out / 'data'}",
+                      f"dataset.digest={record['dataset_digest']}", *SMALL_RECIPE[:5], "images_per_prompt=2",
+                      "sampler.steps=3", "metrics.copy_threshold=0.9", f"run_dir={run_dir}",
+                      f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["similarity"]["embedder"] == "pixel(size=16,pool=2)" and metrics["similarity"]["references"] == 26
+    assert set(metrics["similarity"]["groups"]) == {"trigger", "shared", "unique"}
+    assert metrics["alignment"]["scorer"].startswith("attributes[alignment.pt")
+    assert metrics["fid"]["kind"] == "fid_attributes"
+    gens = pd.read_csv(run_dir / "generations.csv")
+    assert {"similarity", "nearest_reference", "alignment", "group"} <= set(gens.columns) and len(gens) == 8
+
+    result = memguard("train", "scenario=tiny", f"train.output_dir={out}", *SMALL_RECIPE, cwd=tmp_path)
+    assert result.returncode == 2 and "exists; choose another output folder" in result.stderr  # nothing overwritten
