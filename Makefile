@@ -5,7 +5,7 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test smoke bench clean
+.PHONY: help install test smoke bench tables tiny-report tiny-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,6 +25,19 @@ test: $(MG) $(RANDOM_MODEL)  ## run the test suite
 
 smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo model, 4 steps (debug settings)
 	$(MG) run -m experiment=schedules debug=default
+
+tables: $(MG)  ## collect outputs/runs into outputs/tables (paper Tables 1-5 and the tiny table)
+	$(MG) tables
+
+TAUS := 900,800,700,600,500,400,300,200,100
+tiny-report: $(MG)  ## the tiny scenario's grid and transition sweep, tables, docs/tiny figures, README report
+	$(MG) run -m experiment=tiny_grid
+	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS)
+	$(MG) tables
+	$(PY) scripts/tiny_report.py
+
+tiny-model: $(MG)  ## retrain the tiny model from nothing into outputs/train/tiny (about 20 min on 2 cores)
+	$(MG) train scenario=tiny
 
 bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
 	$(PY) scripts/bench_sampling.py

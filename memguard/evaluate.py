@@ -54,13 +54,29 @@ def by_group(generations: pd.DataFrame, column: str, summary: Callable[[torch.Te
                        for g, rows in generations.groupby("group", sort=False)}}
 
 
+def reference_groups(generations: pd.DataFrame, references: list[Path], root: Path) -> list[list[int]] | None:
+    """Per generation, the indices of the references in its prompt's own subfolder ``root/<reference_key>/``
+    (references_per_prompt), or None when generations are compared with every reference."""
+    if "reference_key" not in generations or generations.reference_key.isna().all():
+        return None
+    by_folder: dict[str, list[int]] = {}
+    for i, file in enumerate(references):
+        by_folder.setdefault(file.relative_to(root).parts[0], []).append(i)
+    missing = sorted({str(k) for k in generations.reference_key if str(k) not in by_folder})
+    if missing:
+        raise UserError(f"references={str(root)!r} has no images in the subfolder(s) {', '.join(missing[:5])} "
+                        f"that prompts name (references_per_prompt); each prompt needs its own ground-truth folder")
+    return [by_folder[str(k)] for k in generations.reference_key]
+
+
 def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) -> dict[str, Any]:
     references = reference_files(cfg.references)
     embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
+    root = Path(cfg.references).expanduser()
     log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))
     nearest = nearest_references(embed_files([run_dir / f for f in generations.file], embedder),
-                                 embed_files(references, embedder, cache_dir=cfg.paths.cache_dir))
-    root = Path(cfg.references).expanduser()
+                                 embed_files(references, embedder, cache_dir=cfg.paths.cache_dir),
+                                 groups=reference_groups(generations, references, root))
     generations["similarity"] = nearest.similarity.numpy()
     generations["nearest_reference"] = [str(references[i].relative_to(root)) for i in nearest.index.tolist()]
 

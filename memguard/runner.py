@@ -32,6 +32,7 @@ from PIL import Image, PngImagePlugin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
+from memguard.baselines import PromptTransform
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule, transition_step
@@ -55,6 +56,7 @@ class Record:
     timesteps: list[float]
     d: list[float]
     scale: list[float]
+    model_prompt: str | None = None  # what the model was given, where a prompt baseline changed the prompt
 
     @property
     def file(self) -> str:
@@ -76,13 +78,22 @@ def image_name(prompt_idx: int, seed: int) -> str:
 PROMPT_FIELDS = ("prompt", "caption", "text")
 
 
-def _read_prompts_file(path: Path) -> tuple[list[str], list[str | None]]:
-    """A ``.jsonl`` file (one object per line: ``prompt``, ``caption`` or ``text``, optional ``group``) or a text
-    file (one prompt per line, blank lines skipped)."""
+@dataclass
+class Prompts:
+    """The prompts, and per prompt its group and its own references subfolder (None where not given)."""
+
+    texts: list[str]
+    groups: list[str | None]
+    reference_keys: list[str | None]
+
+
+def _read_prompts_file(path: Path, key_field: str | None) -> Prompts:
+    """A ``.jsonl`` file (one object per line: ``prompt``, ``caption`` or ``text``, optional ``group`` and
+    ``key_field``) or a text file (one prompt per line, blank lines skipped)."""
     if path.suffix != ".jsonl":
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return prompts, [None] * len(prompts)
-    prompts, groups = [], []
+        return Prompts(prompts, [None] * len(prompts), [None] * len(prompts))
+    prompts, groups, keys = [], [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -92,12 +103,16 @@ def _read_prompts_file(path: Path) -> tuple[list[str], list[str | None]]:
         except (json.JSONDecodeError, StopIteration, TypeError) as err:
             raise UserError(f"prompts_file={str(path)!r} line {number} is not a JSON object with one of the fields "
                             f"{', '.join(PROMPT_FIELDS)}") from err
+        if key_field is not None and row.get(key_field) is None:
+            raise UserError(f"prompts_file={str(path)!r} line {number} has no field {key_field!r} "
+                            f"(references_per_prompt={key_field})")
         groups.append(None if row.get("group") is None else str(row["group"]))
-    return prompts, groups
+        keys.append(None if key_field is None else str(row[key_field]))
+    return Prompts(prompts, groups, keys)
 
 
-def load_prompts(cfg: DictConfig) -> tuple[list[str], list[str | None]]:
-    """The prompts from ``prompts`` or ``prompts_file``, and each prompt's group (None where not given)."""
+def load_prompts(cfg: DictConfig) -> Prompts:
+    """The prompts from ``prompts`` or ``prompts_file``, with groups and reference keys from a JSONL file."""
     if cfg.prompts is not None and cfg.prompts_file is not None:
         raise UserError("both prompts and prompts_file are set (a scenario may set prompts); "
                         "give one of them, e.g. prompts=null prompts_file=FILE")
@@ -106,13 +121,15 @@ def load_prompts(cfg: DictConfig) -> tuple[list[str], list[str | None]]:
         if not path.is_file():
             raise UserError(f"prompts_file={str(cfg.prompts_file)!r} is not a file; give a text file with one prompt "
                             "per line, or a .jsonl file with a prompt (and optional group) per line")
-        prompts, groups = _read_prompts_file(path)
+        loaded = _read_prompts_file(path, cfg.references_per_prompt)
     else:
-        prompts = [cfg.prompts] if isinstance(cfg.prompts, str) else [str(p) for p in (cfg.prompts or [])]
-        groups = [None] * len(prompts)
-    if not prompts:
+        if cfg.references_per_prompt is not None:
+            raise UserError(f"references_per_prompt={cfg.references_per_prompt} needs a .jsonl prompts_file")
+        texts = [cfg.prompts] if isinstance(cfg.prompts, str) else [str(p) for p in (cfg.prompts or [])]
+        loaded = Prompts(texts, [None] * len(texts), [None] * len(texts))
+    if not loaded.texts:
         raise UserError("no prompts: give prompts='[a photo of ..., ...]' or prompts_file=FILE (one prompt per line)")
-    return prompts, groups
+    return loaded
 
 
 def load_seeds(cfg: DictConfig) -> list[int]:
@@ -228,18 +245,22 @@ def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dic
 
 def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
-             image_dir: Path, progress: bool = True) -> list[Record]:
-    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each."""
+             image_dir: Path, progress: bool = True, transform: PromptTransform | None = None) -> list[Record]:
+    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each; ``transform`` (a
+    prompt baseline) rewrites each image's prompt first."""
     records = []
     with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             batch_prompts = [prompts[idx] for idx, _ in batch]
-            images, traj = generate_images(components, scheduler, schedule, batch_prompts,
+            model_prompts = batch_prompts if transform is None else [
+                transform(prompts[idx], seed, components.tokenizer) for idx, seed in batch]
+            images, traj = generate_images(components, scheduler, schedule, model_prompts,
                                            [seed for _, seed in batch], steps, resolution)
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             for i, (idx, seed) in enumerate(batch):
-                record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i])
+                record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i],
+                                None if transform is None else model_prompts[i])
                 write_image(image_dir / record.file, images[i], record)
                 records.append(record)
             bar.update(len(batch))
@@ -266,7 +287,7 @@ def transition_summary(records: list[Record]) -> dict[str, Any]:
     }
 
 
-def write_tables(run_dir: Path, records: list[Record], groups: list[str | None]) -> None:
+def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None:
     import pandas as pd
 
     pd.DataFrame([
@@ -274,8 +295,9 @@ def write_tables(run_dir: Path, records: list[Record], groups: list[str | None])
         for r in records for k, (t, d, s) in enumerate(zip(r.timesteps, r.d, r.scale))
     ]).to_csv(run_dir / "trajectories.csv", index=False)
     pd.DataFrame([
-        {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": groups[r.prompt_idx], "seed": r.seed,
-         "file": f"images/{r.file}",
+        {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": prompts.groups[r.prompt_idx],
+         "reference_key": prompts.reference_keys[r.prompt_idx], "seed": r.seed, "file": f"images/{r.file}",
+         "model_prompt": r.model_prompt,
          "transition_step": r.transition_step,
          "transition_timestep": None if r.transition_step is None else r.timesteps[r.transition_step]}
         for r in records
@@ -336,7 +358,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first
         instantiate_checked(cfg.dataset, "dataset")
-    (prompts, groups), seeds = load_prompts(cfg), load_seeds(cfg)
+    loaded, seeds = load_prompts(cfg), load_seeds(cfg)
+    prompts = loaded.texts
     evaluating = cfg.evaluate and any(cfg.metrics.get(k) is not None for k in ("similarity", "alignment", "fid"))
     if evaluating and cfg.references is None and (cfg.metrics.similarity is not None or cfg.metrics.fid is not None):
         raise UserError(f"metrics={cfg.metrics.name} compares with reference images but references is not set; "
@@ -344,6 +367,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
+    transform = None if cfg.mitigation.get("prompt") is None else instantiate_checked(cfg.mitigation.prompt,
+                                                                                       "mitigation.prompt")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
@@ -361,13 +386,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if todo:
         components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
-                               cfg.batch_size, run_dir / "images", cfg.progress):
+                               cfg.batch_size, run_dir / "images", cfg.progress, transform):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
 
     # 4. Tables, figures, metrics
     ordered = [records[(i, s)] for i in range(len(prompts)) for s in seeds]
-    write_tables(run_dir, ordered, groups)
+    write_tables(run_dir, ordered, loaded)
     write_figures(run_dir, ordered, seeds)
     metrics = update_metrics(run_dir, {
         "scenario": cfg.scenario.name,
