@@ -36,8 +36,8 @@ def test_run_writes_the_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert list(traj.columns) == ["prompt_idx", "seed", "step", "timestep", "d", "scale"]
     assert len(traj) == 4 * 6 and traj.step.max() == 5 and (traj.d > 0).all()
     gens = pd.read_csv(tmp_path / "generations.csv")
-    assert list(gens.columns) == ["prompt_idx", "prompt", "group", "reference_key", "seed", "file", "transition_step",
-                                  "transition_timestep"]
+    assert list(gens.columns) == ["prompt_idx", "prompt", "group", "reference_key", "seed", "file", "model_prompt",
+                                  "transition_step", "transition_timestep"]
     assert gens.prompt.tolist() == ["a red circle"] * 2 + ["a blue square"] * 2
     for row in gens.itertuples():  # the transition recorded is Algorithm 1's, from the recorded d
         d = traj[(traj.prompt_idx == row.prompt_idx) & (traj.seed == row.seed)].d.tolist()
