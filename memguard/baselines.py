@@ -1,13 +1,17 @@
-"""Baseline mitigations that change the prompt rather than the guidance schedule; they compose with any schedule.
+"""Baseline mitigations that change the prompt or its embedding rather than the guidance schedule; they compose
+with any schedule (``mitigation.prompt`` / ``mitigation.embedding`` beside ``mitigation.schedule``).
 
 A prompt transform maps (prompt, image seed) to the text the model is given. The run keeps the original prompt
-(alignment is scored against it) and records the text the model saw (``model_prompt``).
+(alignment is scored against it) and records the text the model saw (``model_prompt``). An embedding adjustment
+changes the prompt's text embedding before sampling and reports per image what it did.
 """
 
 from __future__ import annotations
 
 import random
 
+import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 
@@ -42,3 +46,50 @@ class RandomTokens(PromptTransform):
             item = tokenizer.decode([rng.randrange(49400)]) if self.kind == "word" else str(rng.randrange(100000))
             words.insert(rng.randint(0, len(words)), item)
         return " ".join(words)
+
+
+class WenEmbeddingOptimization:
+    """Wen et al. (ICLR 2024), inference-time mitigation: before sampling, at the first timestep T and the initial
+    latents x_T, minimise per image
+
+        L(e_p) = || eps(x_T, T, e_p) - eps(x_T, T, e_empty) ||_2        (= sqrt(d_T))
+
+    over the prompt's text embedding e_p with AdamW (``lr``), until L <= ``l_target`` or ``max_iters``
+    iterations; sampling then uses the optimised embedding. Each image stops on its own (an image that reached
+    its target is frozen), so results do not depend on batch size. Returns per image the iterations used, the
+    first and final L, and whether the target was reached.
+    """
+
+    def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
+        if l_target <= 0 or lr <= 0 or max_iters < 0:
+            raise ValueError(f"l_target={l_target}, lr={lr} must be > 0 and max_iters={max_iters} >= 0")
+        self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
+
+    def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor,
+                 uncond: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            eps_u = unet(x_in, t, encoder_hidden_states=uncond).sample
+        embedding = cond.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([embedding], lr=self.lr)
+        active = torch.ones(len(cond), dtype=torch.bool, device=cond.device)
+        iterations = torch.zeros(len(cond), dtype=torch.long, device=cond.device)
+        first = final = None
+        for k in range(self.max_iters + 1):
+            with torch.enable_grad():
+                norms = (unet(x_in, t, encoder_hidden_states=embedding).sample - eps_u).float().flatten(1).norm(dim=1)
+            current = norms.detach()
+            first = current.clone() if first is None else first
+            final = current.clone() if final is None else torch.where(active, current, final)
+            active &= current > self.l_target
+            if k == self.max_iters or not active.any():
+                break
+            optimizer.zero_grad(set_to_none=True)
+            (norms * active).sum().backward()
+            frozen = embedding.detach().clone()
+            optimizer.step()
+            with torch.no_grad():  # AdamW's decay and momentum must not move images that are done
+                embedding[~active] = frozen[~active]
+            iterations += active
+        info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
+                "wen_reached_target": final <= self.l_target}
+        return embedding.detach(), info

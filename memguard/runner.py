@@ -36,7 +36,7 @@ from memguard.baselines import PromptTransform
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule, transition_step
-from memguard.sampling import generate_images
+from memguard.sampling import EmbeddingAdjustment, generate_images
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Record:
     d: list[float]
     scale: list[float]
     model_prompt: str | None = None  # what the model was given, where a prompt baseline changed the prompt
+    baseline: dict[str, Any] | None = None  # what an embedding adjustment did (e.g. wen_iterations)
 
     @property
     def file(self) -> str:
@@ -245,9 +246,10 @@ def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dic
 
 def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
-             image_dir: Path, progress: bool = True, transform: PromptTransform | None = None) -> list[Record]:
+             image_dir: Path, progress: bool = True, transform: PromptTransform | None = None,
+             adjust: EmbeddingAdjustment | None = None) -> list[Record]:
     """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each; ``transform`` (a
-    prompt baseline) rewrites each image's prompt first."""
+    prompt baseline) rewrites each image's prompt first, ``adjust`` (an embedding baseline) its embedding."""
     records = []
     with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
@@ -256,11 +258,13 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
             model_prompts = batch_prompts if transform is None else [
                 transform(prompts[idx], seed, components.tokenizer) for idx, seed in batch]
             images, traj = generate_images(components, scheduler, schedule, model_prompts,
-                                           [seed for _, seed in batch], steps, resolution)
+                                           [seed for _, seed in batch], steps, resolution, adjust)
+            info = {k: v.cpu().tolist() for k, v in traj.info.items()}
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             for i, (idx, seed) in enumerate(batch):
                 record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i],
-                                None if transform is None else model_prompts[i])
+                                None if transform is None else model_prompts[i],
+                                {k: v[i] for k, v in info.items()} or None)
                 write_image(image_dir / record.file, images[i], record)
                 records.append(record)
             bar.update(len(batch))
@@ -287,6 +291,15 @@ def transition_summary(records: list[Record]) -> dict[str, Any]:
     }
 
 
+def baseline_summary(records: list[Record]) -> dict[str, Any]:
+    """Means of what an embedding baseline reported per image (iterations, norms, fraction that reached the
+    target), so a baseline that stops at its iteration cap shows in metrics.json."""
+    infos = [r.baseline for r in records if r.baseline]
+    if not infos:
+        return {}
+    return {"embedding_baseline": {k: sum(float(i[k]) for i in infos) / len(infos) for k in infos[0]}}
+
+
 def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None:
     import pandas as pd
 
@@ -297,7 +310,7 @@ def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None
     pd.DataFrame([
         {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": prompts.groups[r.prompt_idx],
          "reference_key": prompts.reference_keys[r.prompt_idx], "seed": r.seed, "file": f"images/{r.file}",
-         "model_prompt": r.model_prompt,
+         "model_prompt": r.model_prompt, **(r.baseline or {}),
          "transition_step": r.transition_step,
          "transition_timestep": None if r.transition_step is None else r.timesteps[r.transition_step]}
         for r in records
@@ -367,8 +380,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
-    transform = None if cfg.mitigation.get("prompt") is None else instantiate_checked(cfg.mitigation.prompt,
-                                                                                       "mitigation.prompt")
+    transform, adjust = (None if cfg.mitigation.get(key) is None else
+                         instantiate_checked(cfg.mitigation[key], f"mitigation.{key}") for key in ("prompt", "embedding"))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
@@ -386,7 +399,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if todo:
         components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
-                               cfg.batch_size, run_dir / "images", cfg.progress, transform):
+                               cfg.batch_size, run_dir / "images", cfg.progress, transform, adjust):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
 
@@ -402,6 +415,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_prompts": len(prompts),
         "n_images": len(ordered),
         "transition": transition_summary(ordered),
+        **baseline_summary(ordered),
         "d_step0_mean": sum(r.d[0] for r in ordered) / len(ordered),
         "generation": {"images_made": len(todo), "seconds": round(seconds, 3),
                        "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None},

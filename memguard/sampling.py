@@ -10,7 +10,7 @@ With a constant scale it computes what the pipeline computes (tested against it 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -30,6 +30,7 @@ class Trajectory:
     timesteps: list[float]  # (steps,)
     d: Tensor  # (B, steps), float32, on the sampling device
     scale: Tensor  # (B, steps), float32
+    info: dict[str, Tensor] = field(default_factory=dict)  # per-sample values an embedding adjustment reports
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device | str = "cpu",
@@ -98,12 +99,16 @@ def decode(components: Components, latents: Tensor) -> Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+EmbeddingAdjustment = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
 def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
-                    prompts: Sequence[str], seeds: Sequence[int], steps: int,
-                    resolution: int | None = None) -> tuple[Tensor, Trajectory]:
+                    prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
+                    adjust: EmbeddingAdjustment | None = None) -> tuple[Tensor, Trajectory]:
     """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
     decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
-    model's own (UNet sample size times the VAE factor)."""
+    model's own (UNet sample size times the VAE factor). ``adjust(unet, x_in, t, cond, uncond)`` (a baseline
+    such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input."""
     from memguard.errors import UserError
 
     factor = components.vae_scale_factor
@@ -114,5 +119,11 @@ def generate_images(components: Components, scheduler: SchedulerMixin, schedule:
     uncond = encode_prompts(components, [""]).expand_as(cond)
     unet = components.unet
     noise = initial_noise(seeds, (unet.config.in_channels, side // factor, side // factor), unet.device, unet.dtype)
+    info: dict[str, Tensor] = {}
+    if adjust is not None:
+        scheduler.set_timesteps(steps, device=noise.device)
+        t = scheduler.timesteps[0]
+        cond, info = adjust(unet, scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t, cond, uncond)
     trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
+    trajectory.info = info
     return decode(components, trajectory.latents), trajectory

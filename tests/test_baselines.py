@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -45,3 +46,36 @@ def test_rand_numb_run_keeps_the_original_prompt_and_records_the_changed_one(tin
     assert (trajectories.query("step < 2").scale == 0).all()  # DTP cannot switch before step 2
     run(config(tiny_model_dir, tmp_path / "plain"))
     assert pd.read_csv(tmp_path / "plain" / "generations.csv").model_prompt.isna().all()
+
+
+def _wen_run(model: Path, run_dir: Path, l_target: float, max_iters: int = 3) -> pd.DataFrame:
+    run(config(model, run_dir, "mitigation=wen_l1", f"mitigation.embedding.l_target={l_target}",
+               f"mitigation.embedding.max_iters={max_iters}"))
+    return pd.read_csv(run_dir / "generations.csv")
+
+
+def test_wen_lowers_the_first_step_norm_or_stops_at_the_cap_and_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = run(config(tiny_model_dir, tmp_path / "plain"))
+    capped = _wen_run(tiny_model_dir, tmp_path / "capped", l_target=1e-6)  # unreachable
+    assert (capped.wen_iterations == 3).all() and not capped.wen_reached_target.any()
+    assert (capped.wen_final_norm < capped.wen_first_norm).all()  # it did descend
+    traj = pd.read_csv(tmp_path / "capped" / "trajectories.csv").query("step == 0")
+    assert (traj.d.to_numpy() ** 0.5 == pytest.approx(capped.wen_final_norm.to_numpy(), rel=1e-4))  # sampled with it
+    metrics = json.loads((tmp_path / "capped" / "metrics.json").read_text())
+    assert metrics["embedding_baseline"]["wen_reached_target"] == 0.0 and metrics["embedding_baseline"]["wen_iterations"] == 3
+    first = capped.wen_first_norm.to_numpy()
+    assert first ** 2 == pytest.approx(pd.read_csv(tmp_path / "plain" / "trajectories.csv").query("step == 0").d.to_numpy(), rel=1e-4)
+    assert plain["n_images"] == 4
+
+    done = _wen_run(tiny_model_dir, tmp_path / "done", l_target=float(first.max()) + 1)  # already below target
+    assert (done.wen_iterations == 0).all() and done.wen_reached_target.all()
+
+
+def test_wen_results_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    target = float(_wen_run(tiny_model_dir, tmp_path / "probe", 1e-6, max_iters=0).wen_first_norm.median())
+    one = _wen_run(tiny_model_dir, tmp_path / "b8", target)
+    run(config(tiny_model_dir, tmp_path / "b1", "mitigation=wen_l1", f"mitigation.embedding.l_target={target}",
+               "mitigation.embedding.max_iters=3", "batch_size=1"))
+    other = pd.read_csv(tmp_path / "b1" / "generations.csv")
+    assert one.wen_iterations.tolist() == other.wen_iterations.tolist()
+    assert one.wen_final_norm.to_numpy() == pytest.approx(other.wen_final_norm.to_numpy(), rel=1e-4)
