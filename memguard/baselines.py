@@ -93,3 +93,54 @@ class WenEmbeddingOptimization:
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
                 "wen_reached_target": final <= self.l_target}
         return embedding.detach(), info
+
+
+class RenAttention:
+    """Ren et al. (ECCV 2024): in the conditional branch's cross-attention only, scale the pre-softmax logits of
+    the first (start) token by ``c1`` and mask the tokens after the prompt's end token:
+
+        s[:, 0] <- c1 * s[:, 0],      s[:, j] <- -inf  for j > position of <|endoftext|>
+
+    so attention drawn by trigger tokens is diluted and the padding tokens (which carry the prompt's summary)
+    are ignored. Installed on every cross-attention (``attn2``) module of the UNet for one batch, then removed.
+    """
+
+    def __init__(self, c1: float = 1.25, mask_trailing: bool = True) -> None:
+        if c1 <= 0:
+            raise ValueError(f"c1={c1} must be > 0")
+        self.c1, self.mask_trailing = c1, mask_trailing
+
+    def processors(self, unet: torch.nn.Module, keep: Tensor) -> dict[str, object]:
+        """The UNet's attention processors with every ``attn2`` replaced; ``keep``: ``(B, L)`` tokens to attend."""
+        return {name: _RenProcessor(self.c1, keep) if ".attn2." in name else proc
+                for name, proc in unet.attn_processors.items()}
+
+    def keep_mask(self, lengths: Tensor, sequence: int) -> Tensor:
+        """``(B, L)``: True for the start token through the end token of each prompt (all, without masking)."""
+        positions = torch.arange(sequence, device=lengths.device)[None]
+        return positions < lengths[:, None] if self.mask_trailing else torch.ones_like(positions < lengths[:, None])
+
+
+class _RenProcessor:
+    """diffusers' plain attention, with :class:`RenAttention`'s logit edit on the conditional half of the batch
+    (the sampler's batches are ``[unconditional, conditional]``)."""
+
+    def __init__(self, c1: float, keep: Tensor) -> None:
+        self.c1, self.keep = c1, keep
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        heads = attn.heads
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        logits = (query.float() @ key.float().transpose(1, 2) * attn.scale).view(batch, heads, query.shape[1], -1)
+        cond = slice(batch // 2, batch)
+        logits[cond, ..., 0] *= self.c1
+        logits[cond] = logits[cond].masked_fill(~self.keep[:, None, None, :], float("-inf"))
+        probs = logits.softmax(dim=-1).view(batch * heads, query.shape[1], -1).to(value.dtype)
+        out = attn.batch_to_head_dim(probs @ value)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor

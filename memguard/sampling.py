@@ -10,6 +10,7 @@ With a constant scale it computes what the pipeline computes (tested against it 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -104,11 +105,13 @@ EmbeddingAdjustment = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, Tensor]
 
 def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
                     prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
-                    adjust: EmbeddingAdjustment | None = None) -> tuple[Tensor, Trajectory]:
+                    adjust: EmbeddingAdjustment | None = None, attention: Any = None) -> tuple[Tensor, Trajectory]:
     """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
     decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
     model's own (UNet sample size times the VAE factor). ``adjust(unet, x_in, t, cond, uncond)`` (a baseline
-    such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input."""
+    such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input.
+    ``attention`` (Ren et al.'s :class:`~memguard.baselines.RenAttention`) replaces the UNet's cross-attention
+    processors for this batch."""
     from memguard.errors import UserError
 
     factor = components.vae_scale_factor
@@ -124,6 +127,17 @@ def generate_images(components: Components, scheduler: SchedulerMixin, schedule:
         scheduler.set_timesteps(steps, device=noise.device)
         t = scheduler.timesteps[0]
         cond, info = adjust(unet, scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t, cond, uncond)
-    trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
+    if attention is None:
+        trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
+    else:
+        lengths = components.tokenizer(list(prompts), truncation=True, max_length=cond.shape[1],
+                                       return_length=True).length
+        keep = attention.keep_mask(torch.as_tensor(lengths, device=noise.device), cond.shape[1])
+        original = unet.attn_processors
+        unet.set_attn_processor(attention.processors(unet, keep))
+        try:
+            trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
+        finally:
+            unet.set_attn_processor(original)
     trajectory.info = info
     return decode(components, trajectory.latents), trajectory

@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from memguard.baselines import RandomTokens
+import torch
+
+from memguard.baselines import RandomTokens, RenAttention
 from memguard.components import clip_tokenizer
 from memguard.runner import run
 from tests.test_run import config
@@ -79,3 +81,53 @@ def test_wen_results_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path:
     other = pd.read_csv(tmp_path / "b1" / "generations.csv")
     assert one.wen_iterations.tolist() == other.wen_iterations.tolist()
     assert one.wen_final_norm.to_numpy() == pytest.approx(other.wen_final_norm.to_numpy(), rel=1e-4)
+
+
+def _step0(components, attention) -> dict:
+    """eps_u and eps_c at the first step of one tiny batch, with or without an attention baseline."""
+    from memguard.guidance import Constant
+    from memguard.sampling import encode_prompts, initial_noise, sample
+
+    seen = {}
+    prompts = ["a red circle", "a blue square on a white background"]
+    cond, unet = encode_prompts(components, prompts), components.unet
+    uncond = encode_prompts(components, [""]).expand_as(cond)
+    noise = initial_noise([0, 1], (4, 16, 16))
+
+    def grab(step: dict) -> None:
+        if step["step"] == 0:
+            seen.update(eps_u=step["eps_u"].clone(), eps_c=step["eps_c"].clone())
+
+    if attention is None:
+        sample(unet, components.scheduler, cond, uncond, noise, Constant(7.5), 1, grab)
+    else:
+        lengths = components.tokenizer(prompts, return_length=True).length
+        original = unet.attn_processors
+        unet.set_attn_processor(attention.processors(unet, attention.keep_mask(torch.tensor(lengths), 77)))
+        try:
+            sample(unet, components.scheduler, cond, uncond, noise, Constant(7.5), 1, grab)
+        finally:
+            unet.set_attn_processor(original)
+    return seen
+
+
+def test_ren_changes_the_conditional_attention_only(tiny_components) -> None:
+    plain = _step0(tiny_components, None)
+    identity = _step0(tiny_components, RenAttention(c1=1.0, mask_trailing=False))
+    assert torch.allclose(identity["eps_c"], plain["eps_c"], atol=1e-5)  # the processor itself is exact
+    ren = _step0(tiny_components, RenAttention())
+    assert torch.allclose(ren["eps_u"], plain["eps_u"], atol=1e-6)  # unconditional branch untouched
+    assert (ren["eps_c"] - plain["eps_c"]).abs().max() > 1e-3
+    assert RenAttention().keep_mask(torch.tensor([3, 5]), 6).tolist() == [[True] * 3 + [False] * 3, [True] * 5 + [False]]
+
+
+def test_ren_run_and_generate_restore_the_processors(tiny_components, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from memguard.guidance import Constant
+    from memguard.sampling import generate_images
+
+    before = {k: type(v) for k, v in tiny_components.unet.attn_processors.items()}
+    images, _ = generate_images(tiny_components, tiny_components.scheduler, Constant(7.5), ["a cat"], [0], 2,
+                                attention=RenAttention())
+    assert {k: type(v) for k, v in tiny_components.unet.attn_processors.items()} == before
+    run(config(tiny_model_dir, tmp_path / "ren", "mitigation=ren"))
+    assert json.loads((tmp_path / "ren" / "metrics.json").read_text())["mitigation"] == "ren"

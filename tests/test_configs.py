@@ -63,7 +63,7 @@ def test_debug_and_experiment_compose() -> None:
     cfg = compose_config(["experiment=schedules"], hydra=True)
     swept = cfg.hydra.sweeper.params.mitigation.split(",")
     schedules = [m for m in options("mitigation")
-                 if all(compose_config([f"mitigation={m}"]).mitigation.get(k) is None for k in ("prompt", "embedding"))]
+                 if all(compose_config([f"mitigation={m}"]).mitigation.get(k) is None for k in ("prompt", "embedding", "attention"))]
     assert sorted(swept) == schedules  # every guidance schedule; prompt and embedding baselines are not schedules
     cfg = compose_config(["experiment=tiny_grid"], hydra=True)
     assert cfg.scenario.name == "tiny" and "dtp" in cfg.hydra.sweeper.params.mitigation
