@@ -5,10 +5,10 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test smoke bench tables tiny-report tiny-model clean
+.PHONY: help install test smoke bench tables table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned), build the random demo model
 
@@ -29,9 +29,18 @@ smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo mode
 tables: $(MG)  ## collect outputs/runs into outputs/tables (paper Tables 1-5 and the tiny table)
 	$(MG) tables
 
-TAUS := 900,800,700,600,500,400,300,200,100
-tiny-report: $(MG)  ## the tiny scenario's grid and transition sweep, tables, docs/tiny figures, README report
+table1 table2 table3 table4 table5: table%: $(MG)  ## one paper table: its grid (GPU, local weights and data), evaluated, tabulated
+	$(MG) run -m experiment=table$*
+	$(MG) tables
+
+reproduce: table1 table2 table3 table4 table5  ## all five paper tables
+
+tiny-table: $(MG)  ## every schedule and baseline on the embedded tiny model (CPU), tabulated
 	$(MG) run -m experiment=tiny_grid
+	$(MG) tables
+
+TAUS := 900,800,700,600,500,400,300,200,100
+tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures and the README's report
 	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS)
 	$(MG) tables
 	$(PY) scripts/tiny_report.py

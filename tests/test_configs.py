@@ -98,3 +98,15 @@ def test_parameterised_mitigations_get_one_run_folder_per_value() -> None:
     assert names == {"random_tiny/stp_t300", "random_tiny/stp_t700"}
     cfg = compose_config(["mitigation=interval", "mitigation.schedule.t_hi=600"])
     assert cfg.mitigation.name == "interval_600_0"
+
+
+@pytest.mark.parametrize("number", [1, 2, 3, 4, 5])
+def test_table_experiments_sweep_exactly_their_tables_rows(number: int) -> None:
+    from memguard.tables import PAPER_TABLES
+
+    table = next(t for t in PAPER_TABLES if t.number == number)
+    cfg = compose_config([f"experiment=table{number}"], hydra=True)
+    assert cfg.scenario.name == table.scenario and cfg.metrics.name == "paper"
+    options_swept = cfg.hydra.sweeper.params.mitigation.split(",")
+    names = [compose_config([f"experiment=table{number}", f"mitigation={m}"]).mitigation.name for m in options_swept]
+    assert names == [row.mitigation for row in table.rows]  # each row's run folder is made by the sweep
