@@ -197,12 +197,13 @@ def sd15_sized_random_components(seed: int = 0) -> Components:
     return _assemble(unet, vae, text_encoder)
 
 
-def sd_scheduler(beta_schedule: str = "scaled_linear") -> DDIMScheduler:
-    """Stable Diffusion's scheduler config over 1000 steps, eps-prediction: by default its scaled-linear betas
-    0.00085 .. 0.012; ``squaredcos_cap_v2`` gives the cosine schedule (Nichol & Dhariwal) instead."""
+def sd_scheduler(beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's scheduler config over 1000 steps: by default SD 1.x's scaled-linear betas 0.00085 ..
+    0.012 and eps-prediction; ``squaredcos_cap_v2`` gives the cosine schedule (Nichol & Dhariwal) instead, and
+    ``v_prediction`` SD 2.x-768's parameterisation."""
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule, clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
 
 

@@ -59,9 +59,11 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
            schedule: GuidanceSchedule, steps: int, callback: StepCallback | None = None) -> Trajectory:
     """Classifier-free guided sampling, Eq. (4) of Jain et al. with a per-sample, per-step scale.
 
-    ``cond``/``uncond``: text embeddings ``(B, L, D)``; ``noise``: unit noise ``(B, C, h, w)``. The scheduler is
-    reset (``set_timesteps``) and stepped in place. ``callback`` gets, per step, a dict with ``step``,
-    ``timestep``, ``x`` (latents before the step), ``eps_u``, ``eps_c``, ``d`` and ``scale``.
+    ``cond``/``uncond``: text embeddings ``(B, L, D)``; ``noise``: unit noise ``(B, C, h, w)``. The model's
+    outputs are combined as they are (eps or v: CFG is linear, so both give the same update) and ``d_t`` is
+    reported in eps units for either. The scheduler is reset (``set_timesteps``) and stepped in place.
+    ``callback`` gets, per step, a dict with ``step``, ``timestep``, ``x`` (latents before the step), ``eps_u``,
+    ``eps_c`` (the model's raw outputs), ``d`` and ``scale``.
     """
     # 1. Timesteps and initial latents, as the pipeline prepares them
     device = noise.device
@@ -71,6 +73,8 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
     latents = noise * scheduler.init_noise_sigma
     embeddings = torch.cat([uncond, cond]).to(dtype=unet.dtype)
     d = torch.zeros(noise.shape[0], len(timesteps), dtype=torch.float32, device=device)
+    # d_t is measured in eps units: for a v-prediction model eps_c - eps_u = sqrt(abar_t) (v_c - v_u)
+    v_prediction = scheduler.config.get("prediction_type") == "v_prediction"
     scales = torch.zeros_like(d)
 
     # 2. Denoising loop: one UNet call on [x, x] with [e_empty, e_prompt]
@@ -79,6 +83,8 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=embeddings, return_dict=False)[0].chunk(2)
         guidance = eps_c - eps_u
         d[:, k] = guidance.float().flatten(1).pow(2).sum(dim=1)
+        if v_prediction:
+            d[:, k] *= float(scheduler.alphas_cumprod[int(t)])
         scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
         eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
         if callback is not None:

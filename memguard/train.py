@@ -1,7 +1,9 @@
 """Text-to-image denoiser training: the loss of Stable Diffusion, for the tiny scenario's model.
 
-    loss = E_{x0, c, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, tau(c')) ||^2,
-    c' = ""  with probability ``cond_dropout`` (so one network learns eps_u and eps_c, as CFG needs), else c
+    loss = E_{x0, c, t, eps} || y - f_theta(x_t, t, tau(c')) ||^2,   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+    y = eps (eps-prediction, SD 1.x) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v-prediction, SD 2.x-768),
+    c' = ""  with probability ``cond_dropout`` (so one network learns the unconditional and conditional
+    predictions, as CFG needs), else c
 
 with t uniform over the scheduler's 1000 training timesteps and the scheduler's own noise schedule. The UNet
 and the text encoder are trained together from scratch; sampling uses an exponential moving average of both.
@@ -28,7 +30,7 @@ from memguard.components import Components, clip_tokenizer, sd_scheduler
 
 
 def tiny_components(seed: int = 0, size: int = 16, width: int = 32, text_width: int = 64,
-                    beta_schedule: str = "squaredcos_cap_v2") -> Components:
+                    beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "v_prediction") -> Components:
     """The tiny scenario's architecture, untrained: a pixel-space UNet2DConditionModel (no VAE) with
     cross-attention at its inner level over a 2-layer CLIPTextModel, the real CLIP tokenizer, and SD's scheduler
     config with the cosine noise schedule by default.
@@ -53,7 +55,7 @@ def tiny_components(seed: int = 0, size: int = 16, width: int = 32, text_width: 
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407,
     ))
-    return Components(unet, None, text_encoder, clip_tokenizer(), sd_scheduler(beta_schedule))
+    return Components(unet, None, text_encoder, clip_tokenizer(), sd_scheduler(beta_schedule, prediction_type))
 
 
 @dataclass
@@ -89,6 +91,7 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
     probabilities = torch.tensor(weights, dtype=torch.float64)
     alphas_cumprod = components.scheduler.alphas_cumprod.float()
     train_steps = len(alphas_cumprod)
+    v_prediction = components.scheduler.config.prediction_type == "v_prediction"
     networks = torch.nn.ModuleList([components.unet, components.text_encoder]).train().requires_grad_(True)
     ema = copy.deepcopy(networks).requires_grad_(False)
     optimizer = torch.optim.AdamW(networks.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -107,7 +110,8 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
             text = components.text_encoder(tokens)[0]
-            loss = F.mse_loss(components.unet(x_t, t, encoder_hidden_states=text).sample, noise)
+            target = noise if not v_prediction else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+            loss = F.mse_loss(components.unet(x_t, t, encoder_hidden_states=text).sample, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(networks.parameters(), 1.0)

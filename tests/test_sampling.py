@@ -62,3 +62,15 @@ def test_trajectory_records_d_and_scale(tiny_components: Components) -> None:
         torch.testing.assert_close(step["d"], expected)
     assert torch.all(traj.d > 0) and torch.all(traj.scale == 0)
     assert traj.timesteps == [float(t) for t in scheduler.timesteps]
+
+
+def test_d_is_in_eps_units_for_v_prediction_models(tiny_components) -> None:
+    scheduler = diffusers.DDIMScheduler.from_config(tiny_components.scheduler.config, prediction_type="v_prediction")
+    cond = encode_prompts(tiny_components, ["a red circle"])
+    seen = []
+    sample(tiny_components.unet, scheduler, cond, encode_prompts(tiny_components, [""]), initial_noise([0], (4, 16, 16)),
+           Constant(7.5), 3, seen.append)
+    for step in seen:
+        raw = (step["eps_c"] - step["eps_u"]).pow(2).sum().item()
+        abar = float(scheduler.alphas_cumprod[int(step["timestep"])])
+        assert step["d"].item() == pytest.approx(abar * raw, rel=1e-5)  # eps_c - eps_u = sqrt(abar) (v_c - v_u)
