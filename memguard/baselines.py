@@ -9,6 +9,7 @@ changes the prompt's text embedding before sampling and reports per image what i
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -144,3 +145,12 @@ class _RenProcessor:
         probs = logits.softmax(dim=-1).view(batch * heads, query.shape[1], -1).to(value.dtype)
         out = attn.batch_to_head_dim(probs @ value)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+@dataclass
+class Baselines:
+    """A mitigation's non-schedule parts (``mitigation.prompt``, ``.embedding``, ``.attention``), each optional."""
+
+    prompt: PromptTransform | None = None
+    embedding: WenEmbeddingOptimization | None = None
+    attention: RenAttention | None = None

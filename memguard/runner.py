@@ -32,11 +32,11 @@ from PIL import Image, PngImagePlugin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
-from memguard.baselines import PromptTransform
+from memguard.baselines import Baselines
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule, transition_step
-from memguard.sampling import EmbeddingAdjustment, generate_images
+from memguard.sampling import generate_images
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,11 @@ def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dic
 
 def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
-             image_dir: Path, progress: bool = True, transform: PromptTransform | None = None,
-             adjust: EmbeddingAdjustment | None = None, attention: Any = None) -> list[Record]:
-    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each; ``transform`` (a
-    prompt baseline) rewrites each image's prompt first, ``adjust`` (an embedding baseline) its embedding,
-    ``attention`` (an attention baseline) the UNet's cross-attention."""
+             image_dir: Path, progress: bool = True, baselines: Baselines | None = None) -> list[Record]:
+    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each. ``baselines`` may
+    rewrite each image's prompt, its prompt embedding, or the UNet's cross-attention."""
+    baselines = baselines or Baselines()
+    transform = baselines.prompt
     records = []
     with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
@@ -259,7 +259,8 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
             model_prompts = batch_prompts if transform is None else [
                 transform(prompts[idx], seed, components.tokenizer) for idx, seed in batch]
             images, traj = generate_images(components, scheduler, schedule, model_prompts,
-                                           [seed for _, seed in batch], steps, resolution, adjust, attention)
+                                           [seed for _, seed in batch], steps, resolution, baselines.embedding,
+                                           baselines.attention)
             info = {k: v.cpu().tolist() for k, v in traj.info.items()}
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             for i, (idx, seed) in enumerate(batch):
@@ -381,9 +382,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
-    transform, adjust, attention = (
-        None if cfg.mitigation.get(key) is None else instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
-        for key in ("prompt", "embedding", "attention"))
+    baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
+                             for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
@@ -401,7 +401,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if todo:
         components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
-                               cfg.batch_size, run_dir / "images", cfg.progress, transform, adjust, attention):
+                               cfg.batch_size, run_dir / "images", cfg.progress, baselines):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
 

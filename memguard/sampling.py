@@ -10,7 +10,7 @@ With a constant scale it computes what the pipeline computes (tested against it 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +19,9 @@ from torch import Tensor
 
 from memguard.components import Components
 from memguard.guidance import GuidanceSchedule
+
+if TYPE_CHECKING:
+    from memguard.baselines import RenAttention
 
 StepCallback = Callable[[dict[str, Tensor | int | float]], None]
 
@@ -111,7 +114,8 @@ EmbeddingAdjustment = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, Tensor]
 
 def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
                     prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
-                    adjust: EmbeddingAdjustment | None = None, attention: Any = None) -> tuple[Tensor, Trajectory]:
+                    adjust: EmbeddingAdjustment | None = None,
+                    attention: RenAttention | None = None) -> tuple[Tensor, Trajectory]:
     """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
     decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
     model's own (UNet sample size times the VAE factor). ``adjust(unet, x_in, t, cond, uncond)`` (a baseline
