@@ -3,6 +3,7 @@
     memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
     memguard evaluate [key=value ...]       (re-)evaluate a run folder: run_dir=DIR references=DIR metrics=...
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
+    memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
     memguard random-model DIR [--seed N]    write a tiny random-weight SD folder (tests, demos, benchmarks)
 
@@ -95,12 +96,16 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.train import train_from_config
 
         _hydra_command("train", train_from_config, rest)
+    elif command == "finetune":
+        from memguard.finetune import finetune
+
+        _hydra_command("finetune", finetune, rest)
     elif command == "tables":
         _tables(rest)
     elif command == "random-model":
         _random_model(rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, train, tables, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, train, finetune, tables, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_paper_scenarios_compose_with_their_settings(scenario: str, resolution: 
 
 def test_imagenette_prompts_are_the_papers_template() -> None:
     prompts = load_prompts(compose_config(["scenario=imagenette"])).texts
-    assert len(prompts) == 10 and prompts[0] == "An image of bench" and "An image of parachute" in prompts
+    assert len(prompts) == 10 and prompts[0] == "An image of tench" and "An image of parachute" in prompts
 
 
 def _image(path: Path, value: int) -> None:
