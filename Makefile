@@ -41,7 +41,7 @@ tiny-table: $(MG)  ## every schedule and baseline on the embedded tiny model (CP
 
 TAUS := 900,800,700,600,500,400,300,200,100
 tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures and the README's report
-	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS)
+	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS) images_per_prompt=16
 	$(MG) tables
 	$(PY) scripts/tiny_report.py
 

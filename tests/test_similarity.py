@@ -110,3 +110,19 @@ def test_reference_cache_is_reused_and_invalidated(tmp_path: Path) -> None:
     embed_files(files, Counting(size=4), cache_dir=cache)  # another embedder setting
     assert Counting.calls == 3
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_per_channel_pixel_similarity_ignores_per_channel_offset_and_gain() -> None:
+    from memguard.metrics.similarity import PixelEmbedder
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 16, 16, generator=g)
+    saturated = (image * torch.tensor([1.5, 0.7, 0.4]).view(1, 3, 1, 1) + torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1))
+    plain, per_channel = PixelEmbedder(16, 1), PixelEmbedder(16, 1, per_channel=True)
+    assert (per_channel(image) @ per_channel(saturated).T).item() == pytest.approx(1.0, abs=1e-5)
+    assert (plain(image) @ plain(saturated).T).item() < 0.95
+    assert per_channel(image).norm().item() == pytest.approx(1.0, abs=1e-6)
+    other = torch.rand(1, 3, 16, 16, generator=g)
+    channels = [np.corrcoef(image[0, c].flatten(), other[0, c].flatten())[0, 1] for c in range(3)]
+    assert (per_channel(image) @ per_channel(other).T).item() == pytest.approx(np.mean(channels), abs=1e-5)
+    assert per_channel.name == "pixel(size=16,pool=1,per_channel)"

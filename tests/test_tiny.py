@@ -39,7 +39,7 @@ def test_shipped_dataset_is_the_one_the_model_was_trained_on(tiny_run: tuple[Pat
 
 def test_copy_threshold_is_the_calibrated_99th_percentile(tiny_run: tuple[Path, dict]) -> None:
     out, metrics = tiny_run
-    value = calibrate_copy_threshold(out / "data" / "tiny", PixelEmbedder(16, 2), 16)
+    value = calibrate_copy_threshold(out / "data" / "tiny", PixelEmbedder(16, 1, per_channel=True), 16)
     assert value == pytest.approx(RECORD["copy_threshold"]["value"], abs=1e-6)
     assert metrics["similarity"]["copy_threshold"] == pytest.approx(value, abs=1e-4)
 

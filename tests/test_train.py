@@ -50,7 +50,7 @@ def test_train_then_run_and_evaluate_the_trained_folder(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "model" / "memguard_train.json").read_text())
     assert record["settings"]["steps"] == 2 and record["weights_dtype"] == "float16"
-    assert 0 < record["copy_threshold"]["value"] < 1 and record["copy_threshold"]["embedder"] == "pixel(size=16,pool=2)"
+    assert 0 < record["copy_threshold"]["value"] < 1 and record["copy_threshold"]["embedder"] == "pixel(size=16,pool=1,per_channel)"
     assert set(record["alignment_held_out_accuracy"]) == {"shape", "colour", "background"}
     assert (out / "model" / "alignment.pt").is_file()
 
@@ -61,7 +61,7 @@ def test_train_then_run_and_evaluate_the_trained_folder(tmp_path: Path) -> None:
                       f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["similarity"]["embedder"] == "pixel(size=16,pool=2)" and metrics["similarity"]["references"] == 26
+    assert metrics["similarity"]["embedder"] == "pixel(size=16,pool=1,per_channel)" and metrics["similarity"]["references"] == 26
     assert set(metrics["similarity"]["groups"]) == {"trigger", "shared", "unique"}
     assert metrics["alignment"]["scorer"].startswith("attributes[alignment.pt")
     assert metrics["fid"]["kind"] == "fid_attributes"

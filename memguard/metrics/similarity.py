@@ -7,8 +7,8 @@ al.). Every result carries the embedder's name, so a pixel-space number is never
 
 Embedders:
 
-- ``pixel``: mean-centred, L2-normalised pixels (optionally average-pooled first). For the embedded tiny
-  scenario, where copies are exact up to noise. Not SSCD.
+- ``pixel``: mean-centred, L2-normalised pixels (optionally average-pooled first, optionally per colour
+  channel). For the embedded tiny scenario, where copies are exact up to noise and colour saturation. Not SSCD.
 - ``sscd``: a TorchScript SSCD descriptor (``sscd_disc_large.torchscript.pt``, ``sscd_disc_mixup...``) from a
   local file, with one of two preprocessings, named in every output:
   ``dcr``: resize 256, centre-crop 224, normalise mean 0.5 / std 0.5 (what the paper's numbers used, after
@@ -18,6 +18,7 @@ Embedders:
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,21 +54,25 @@ class Embedder:
 class PixelEmbedder(Embedder):
     """Mean-centred, L2-normalised pixels at a fixed size, after ``pool x pool`` average pooling.
 
-    Cosine of two such vectors is the Pearson correlation of their (pooled) pixels. Images are resized
-    (bilinear) to ``size`` first so references and generations of other sizes compare.
+    Cosine of two such vectors is the Pearson correlation of their (pooled) pixels. With ``per_channel``, each
+    colour channel is centred and normalised on its own (and the three scaled by 1/sqrt(3)), so the cosine is
+    the mean of the three channels' correlations: a copy whose colours CFG has saturated (a per-channel
+    offset and gain) still scores as a copy. Images are resized (bilinear) to ``size`` first so references and
+    generations of other sizes compare.
     """
 
-    def __init__(self, size: int = 32, pool: int = 1) -> None:
+    def __init__(self, size: int = 32, pool: int = 1, per_channel: bool = False) -> None:
         if size < 1 or pool < 1 or size % pool:
             raise ValueError(f"size={size} must be a positive multiple of pool={pool}")
-        self.size, self.pool = size, pool
-        self.name = f"pixel(size={size},pool={pool})"
+        self.size, self.pool, self.per_channel = size, pool, per_channel
+        self.name = f"pixel(size={size},pool={pool}{',per_channel' if per_channel else ''})"
 
     def __call__(self, images: Tensor) -> Tensor:
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", align_corners=False,
                           antialias=True)
-        x = F.avg_pool2d(x, self.pool).flatten(1)
-        return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
+        x = F.avg_pool2d(x, self.pool).flatten(2 if self.per_channel else 1)
+        x = F.normalize(x - x.mean(dim=-1, keepdim=True), dim=-1)
+        return x.flatten(1) / 3**0.5 if self.per_channel else x
 
 
 class SSCDEmbedder(Embedder):
@@ -180,7 +185,7 @@ def embed_files(files: Sequence[str | Path], embedder: Embedder, batch_size: int
     embeddings = torch.cat([embedder(load_images(files[i : i + batch_size])) for i in range(0, len(files), batch_size)])
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs each write their own, then rename
         torch.save({"embeddings": embeddings, "embedder": embedder.name, "files": [str(f) for f in files]}, tmp)
         tmp.replace(cache_file)
     return embeddings
