@@ -33,14 +33,15 @@ def tiny_components(seed: int = 0, size: int = 16, width: int = 32, text_width: 
                     beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "v_prediction") -> Components:
     """The tiny scenario's architecture, untrained: a pixel-space UNet2DConditionModel (no VAE) with
     cross-attention at its inner level over a 2-layer CLIPTextModel, the real CLIP tokenizer, and SD's scheduler
-    config with the cosine noise schedule by default.
+    config with, by default, the cosine noise schedule and v-prediction.
 
-    Why cosine and not SD's scaled-linear: at 16 px the scaled-linear schedule ends at abar_T = 0.0047, so
-    at t = T the training input still carries sqrt(abar_T) = 0.07 of the image's mean colour, about the standard
-    deviation (1/16) of the mean of 256 noise pixels. The model learns to read the image's colour there, and at
-    sampling reads it from the seed's noise instead: backgrounds took their colour from the seed, whatever the
-    caption said. The cosine schedule ends at abar_T = 2e-9 (zero terminal SNR in effect), so the model
-    must make colour from the caption.
+    Why not SD 1.x's scaled-linear schedule with eps-prediction: trained that way (and with the cosine schedule
+    and eps-prediction), the tiny model drew shape and position from the caption but took its background colour
+    from the seed: at 16 px the per-channel mean of the initial noise (std 1/16) is as large as what is left of
+    the image at t = T, and an eps-prediction loss puts almost no weight on getting the image right there.
+    With v-prediction (SD 2.x-768's parameterisation) the loss at high noise is in effect a loss on the image,
+    so the model makes its colours from the caption; the cosine schedule (abar_T = 2e-9, zero terminal SNR in
+    effect) is the schedule v-prediction makes well-posed.
     """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
