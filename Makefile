@@ -24,7 +24,7 @@ test: $(MG) $(RANDOM_MODEL)  ## run the test suite
 	$(PY) -m pytest -q
 
 smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo model, 4 steps (debug settings)
-	$(MG) run -m experiment=schedules debug=default
+	$(MG) run -m experiment=schedules debug=default scenario=random_tiny
 
 tables: $(MG)  ## collect outputs/runs into outputs/tables (paper Tables 1-5 and the tiny table)
 	$(MG) tables
