@@ -80,7 +80,7 @@ def finetune(cfg: Any) -> Path:
     from omegaconf import OmegaConf
 
     from memguard.components import load_components, save_components
-    from memguard.train import tokenize
+    from memguard.train import noised_and_target, tokenize
 
     if cfg.get("finetune") is None:
         raise UserError(f"scenario={cfg.scenario.name} has no finetune section; fine-tunable: laion10k, laion100k, "
@@ -119,8 +119,7 @@ def finetune(cfg: Any) -> Path:
             noise = torch.randn(z.shape, generator=generator).to(z.device)
             t = torch.randint(len(alphas_cumprod), (len(z),), generator=generator).to(z.device)
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-            x_t = abar.sqrt() * z + (1 - abar).sqrt() * noise
-            target = abar.sqrt() * noise - (1 - abar).sqrt() * z if v_prediction else noise
+            x_t, target = noised_and_target(z, noise, abar, v_prediction)
             loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample.float(), target.float())
             accelerator.backward(loss)
             if accelerator.sync_gradients:

@@ -71,6 +71,13 @@ class TrainSettings:
     seed: int = 0
 
 
+def noised_and_target(x0: Tensor, noise: Tensor, abar: Tensor, v_prediction: bool) -> tuple[Tensor, Tensor]:
+    """``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` and the regression target: ``eps``, or for v-prediction
+    ``v = sqrt(abar) eps - sqrt(1 - abar) x0``. ``abar`` broadcasts over ``x0`` (e.g. ``(B, 1, 1, 1)``)."""
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return x_t, abar.sqrt() * noise - (1 - abar).sqrt() * x0 if v_prediction else noise
+
+
 def tokenize(components: Components, captions: Sequence[str]) -> Tensor:
     """Token ids ``(N, 77)`` as the sampler encodes prompts (padding to max length, truncation)."""
     tok = components.tokenizer
@@ -109,9 +116,8 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
             t = torch.randint(0, train_steps, (len(idx),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+            x_t, target = noised_and_target(x0, noise, abar, v_prediction)
             text = components.text_encoder(tokens)[0]
-            target = noise if not v_prediction else abar.sqrt() * noise - (1 - abar).sqrt() * x0
             loss = F.mse_loss(components.unet(x_t, t, encoder_hidden_states=text).sample, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
