@@ -9,6 +9,8 @@ changes the prompt's text embedding before sampling and reports per image what i
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,15 +113,23 @@ class RenAttention:
             raise ValueError(f"c1={c1} must be > 0")
         self.c1, self.mask_trailing = c1, mask_trailing
 
-    def processors(self, unet: torch.nn.Module, keep: Tensor) -> dict[str, object]:
-        """The UNet's attention processors with every ``attn2`` replaced; ``keep``: ``(B, L)`` tokens to attend."""
-        return {name: _RenProcessor(self.c1, keep) if ".attn2." in name else proc
-                for name, proc in unet.attn_processors.items()}
+    @contextmanager
+    def installed(self, unet: torch.nn.Module, lengths: Tensor, sequence: int) -> Iterator[None]:
+        """Every ``attn2`` processor of ``unet`` replaced while the block runs, the original ones restored after;
+        ``lengths``: each prompt's token count through its end token, ``sequence``: the padded length."""
+        original = unet.attn_processors
+        keep = self.keep_mask(lengths, sequence)
+        unet.set_attn_processor({name: _RenProcessor(self.c1, keep) if ".attn2." in name else proc
+                                 for name, proc in original.items()})
+        try:
+            yield
+        finally:
+            unet.set_attn_processor(original)
 
     def keep_mask(self, lengths: Tensor, sequence: int) -> Tensor:
         """``(B, L)``: True for the start token through the end token of each prompt (all, without masking)."""
-        positions = torch.arange(sequence, device=lengths.device)[None]
-        return positions < lengths[:, None] if self.mask_trailing else torch.ones_like(positions < lengths[:, None])
+        mask = torch.arange(sequence, device=lengths.device)[None] < lengths[:, None]
+        return mask if self.mask_trailing else torch.ones_like(mask)
 
 
 class _RenProcessor:

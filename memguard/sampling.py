@@ -10,6 +10,7 @@ With a constant scale it computes what the pipeline computes (tested against it 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
@@ -137,17 +138,12 @@ def generate_images(components: Components, scheduler: SchedulerMixin, schedule:
         scheduler.set_timesteps(steps, device=noise.device)
         t = scheduler.timesteps[0]
         cond, info = adjust(unet, scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t, cond, uncond)
-    if attention is None:
-        trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
-    else:
+    installed = nullcontext()
+    if attention is not None:
         lengths = components.tokenizer(list(prompts), truncation=True, max_length=cond.shape[1],
                                        return_length=True).length
-        keep = attention.keep_mask(torch.as_tensor(lengths, device=noise.device), cond.shape[1])
-        original = unet.attn_processors
-        unet.set_attn_processor(attention.processors(unet, keep))
-        try:
-            trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
-        finally:
-            unet.set_attn_processor(original)
+        installed = attention.installed(unet, torch.as_tensor(lengths, device=noise.device), cond.shape[1])
+    with installed:
+        trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
     trajectory.info = info
     return decode(components, trajectory.latents), trajectory

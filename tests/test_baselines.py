@@ -101,13 +101,9 @@ def _step0(components, attention) -> dict:
     if attention is None:
         sample(unet, components.scheduler, cond, uncond, noise, Constant(7.5), 1, grab)
     else:
-        lengths = components.tokenizer(prompts, return_length=True).length
-        original = unet.attn_processors
-        unet.set_attn_processor(attention.processors(unet, attention.keep_mask(torch.tensor(lengths), 77)))
-        try:
+        lengths = torch.tensor(components.tokenizer(prompts, return_length=True).length)
+        with attention.installed(unet, lengths, 77):
             sample(unet, components.scheduler, cond, uncond, noise, Constant(7.5), 1, grab)
-        finally:
-            unet.set_attn_processor(original)
     return seen
 
 
