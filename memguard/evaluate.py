@@ -69,8 +69,8 @@ def reference_groups(generations: pd.DataFrame, references: list[Path], root: Pa
     return [by_folder[str(k)] for k in generations.reference_key]
 
 
-def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) -> dict[str, Any]:
-    references = reference_files(cfg.references)
+def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
+                     references: list[Path]) -> dict[str, Any]:
     embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
     root = Path(cfg.references).expanduser()
     log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))
@@ -93,7 +93,8 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) 
     return {"similarity": result}
 
 
-def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, batch_size: int = 64) -> dict[str, Any]:
+def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path],
+                    batch_size: int = 64) -> dict[str, Any]:
     scorer = instantiate_checked(cfg.metrics.alignment, "metrics.alignment")
     scores = []
     for start in tqdm(range(0, len(generations), batch_size), desc="alignment", disable=not cfg.progress):
@@ -110,8 +111,7 @@ def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, b
     return {"alignment": result}
 
 
-def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) -> dict[str, Any]:
-    references = reference_files(cfg.references)
+def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
     features = instantiate_checked(cfg.metrics.fid, "metrics.fid")
     value = frechet_distance(embed_files([run_dir / f for f in generations.file], features),
                              embed_files(references, features, cache_dir=cfg.paths.cache_dir))
@@ -120,20 +120,32 @@ def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame) -> dict
                     "generations": len(generations), "references": len(references)}}
 
 
+# stage name (the ``metrics`` key that turns it on) -> (stage, whether it compares with the reference images)
+STAGES = {"similarity": (similarity_stage, True), "alignment": (alignment_stage, False), "fid": (fid_stage, True)}
+
+
+def planned_stages(cfg: DictConfig) -> list[str]:
+    """The stages ``cfg.metrics`` sets; a UserError, before any work, if they need references and none are set."""
+    names = [name for name in STAGES if cfg.metrics.get(name) is not None]
+    if cfg.references is None and any(STAGES[name][1] for name in names):
+        raise UserError(f"metrics={cfg.metrics.name} compares with reference images but references is not set; "
+                        "give references=DIR, or evaluate=false")
+    return names
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every metric stage ``cfg.metrics`` sets on the folder ``cfg.run_dir``; return its metrics."""
-    stages = [(name, stage) for name, stage in
-              (("similarity", similarity_stage), ("alignment", alignment_stage), ("fid", fid_stage))
-              if cfg.metrics.get(name) is not None]
-    if not stages:
+    names = planned_stages(cfg)
+    if not names:
         raise UserError(f"metrics={cfg.metrics.name} sets no metric: choose metrics=pixel, tiny, sscd or paper")
     run_dir = Path(cfg.run_dir)
     table = run_dir / "generations.csv"
     if not table.is_file():
         raise UserError(f"run_dir={str(run_dir)!r} has no generations.csv; run `memguard run` with the same settings first")
     generations = pd.read_csv(table)
+    references = reference_files(cfg.references) if any(STAGES[name][1] for name in names) else []
     results: dict[str, Any] = {}
-    for _, stage in stages:
-        results.update(stage(cfg, run_dir, generations))
+    for name in names:
+        results.update(STAGES[name][0](cfg, run_dir, generations, references))
     generations.to_csv(table, index=False)
     return update_metrics(run_dir, results)

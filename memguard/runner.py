@@ -369,16 +369,14 @@ def update_metrics(run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (resuming) every requested image of ``cfg`` into ``cfg.run_dir``; return metrics."""
+    from memguard.evaluate import evaluate, planned_stages  # evaluate imports this module
     # 1. Check every input that is cheap to check before the folder is touched
     check_settings(cfg)
     if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first
         instantiate_checked(cfg.dataset, "dataset")
     loaded, seeds = load_prompts(cfg), load_seeds(cfg)
     prompts = loaded.texts
-    evaluating = cfg.evaluate and any(cfg.metrics.get(k) is not None for k in ("similarity", "alignment", "fid"))
-    if evaluating and cfg.references is None and (cfg.metrics.similarity is not None or cfg.metrics.fid is not None):
-        raise UserError(f"metrics={cfg.metrics.name} compares with reference images but references is not set; "
-                        "give references=DIR, or evaluate=false")
+    evaluating = cfg.evaluate and bool(planned_stages(cfg))
     device = resolve_device(cfg.device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
@@ -428,7 +426,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # 5. Evaluation, unless told not to or metrics=none
     if evaluating:
-        from memguard.evaluate import evaluate
-
         metrics = evaluate(cfg)
     return metrics
