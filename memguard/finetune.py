@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from memguard.errors import UserError
+from memguard.procedural import read_jsonl
 
 IMAGENETTE = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
               "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
@@ -48,8 +49,7 @@ def captioned_images(data: str | Path, template: str | None = None) -> list[tupl
         pairs = [(f, template.format(IMAGENETTE.get(d.name, d.name))) for d in sorted(root.iterdir()) if d.is_dir()
                  for f in sorted(d.iterdir()) if f.suffix.lower() in (".jpg", ".jpeg", ".png")]
     elif (root / "metadata.jsonl").is_file():
-        rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
-        pairs = [(root / r["file_name"], r["text"]) for r in rows]
+        pairs = [(root / r["file_name"], r["text"]) for r in read_jsonl(root / "metadata.jsonl")]
     else:
         raise UserError(f"finetune.data={str(data)!r} has no metadata.jsonl (file_name, text per line); "
                         "or set finetune.template for a folder of class subfolders")

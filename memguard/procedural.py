@@ -164,9 +164,13 @@ def random_images(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, list[S
     return np.stack([render(s, size) for s in samples]), samples
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One JSON object per non-blank line, e.g. an imagefolder ``metadata.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_metadata(folder: str | Path) -> list[Row]:
-    path = Path(folder) / "metadata.jsonl"
-    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [Row(**row) for row in read_jsonl(Path(folder) / "metadata.jsonl")]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

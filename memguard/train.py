@@ -142,12 +142,11 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
 def load_training_set(data_dir: str | Path) -> tuple[Tensor, list[str], list[int]]:
     """A captioned image folder (``metadata.jsonl`` with ``file_name``, ``text`` and optional ``repeats``) as
     images ``(N, 3, H, W)`` in ``[-1, 1]``, captions and repeat counts."""
-    import json
-
     from memguard.metrics.similarity import load_images
+    from memguard.procedural import read_jsonl
 
     root = Path(data_dir)
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(root / "metadata.jsonl")
     images = load_images([root / r["file_name"] for r in rows]) * 2 - 1
     return images, [r["text"] for r in rows], [int(r.get("repeats", 1)) for r in rows]
 
