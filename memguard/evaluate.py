@@ -27,7 +27,7 @@ from tqdm import tqdm
 from memguard.errors import UserError, instantiate_checked
 from memguard.metrics.fid import frechet_distance
 from memguard.metrics.similarity import embed_files, load_images, nearest_references, summarize
-from memguard.runner import update_metrics
+from memguard.runs.folder import update_metrics
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

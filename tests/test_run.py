@@ -12,7 +12,8 @@ from PIL import Image
 
 from memguard.errors import UserError
 from memguard.guidance import dtp_switch_step
-from memguard.runner import read_record, run
+from memguard.runner import run
+from memguard.runs.folder import read_record
 from tests.test_configs import compose_config
 
 PROMPTS = "[a red circle,a blue square]"

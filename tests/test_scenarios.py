@@ -13,7 +13,8 @@ from PIL import Image
 
 from memguard.errors import UserError
 from memguard.evaluate import evaluate
-from memguard.runner import load_prompts, run
+from memguard.runner import run
+from memguard.runs.prompts import load_prompts
 from tests.test_configs import compose_config
 
 PAPER_SCENARIOS = {"laion10k": 256, "laion100k": 256, "imagenette": 256, "wen_dup200": None, "webster500": None}

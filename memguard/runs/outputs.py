@@ -1,0 +1,89 @@
+"""What a run writes beside its images: ``trajectories.csv``, ``generations.csv``, ``grid.png``,
+``d_curves.png`` and the summaries that go into ``metrics.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from memguard.runs.folder import Record, image_name
+from memguard.runs.prompts import Prompts
+
+
+def transition_summary(records: list[Record]) -> dict[str, Any]:
+    """How often, and at which step, positive guidance began: a schedule that never engages shows here."""
+    steps = [r.transition_step for r in records]
+    fired = sorted(s for s in steps if s is not None)
+    histogram: dict[str, int] = {}
+    for s in fired:
+        histogram[str(s)] = histogram.get(str(s), 0) + 1
+    return {
+        "fired_fraction": len(fired) / len(records),
+        "never_fired_fraction": 1 - len(fired) / len(records),
+        "step_mean": sum(fired) / len(fired) if fired else None,
+        "step_median": fired[len(fired) // 2] if fired else None,
+        "step_histogram": histogram,
+    }
+
+
+def baseline_summary(records: list[Record]) -> dict[str, Any]:
+    """Means of what an embedding baseline reported per image (iterations, norms, fraction that reached the
+    target), so a baseline that stops at its iteration cap shows in metrics.json."""
+    infos = [r.baseline for r in records if r.baseline]
+    if not infos:
+        return {}
+    return {"embedding_baseline": {k: sum(float(i[k]) for i in infos) / len(infos) for k in infos[0]}}
+
+
+def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None:
+    import pandas as pd
+
+    pd.DataFrame([
+        {"prompt_idx": r.prompt_idx, "seed": r.seed, "step": k, "timestep": t, "d": d, "scale": s}
+        for r in records for k, (t, d, s) in enumerate(zip(r.timesteps, r.d, r.scale))
+    ]).to_csv(run_dir / "trajectories.csv", index=False)
+    pd.DataFrame([
+        {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": prompts.groups[r.prompt_idx],
+         "reference_key": prompts.reference_keys[r.prompt_idx], "seed": r.seed, "file": f"images/{r.file}",
+         "model_prompt": r.model_prompt, **(r.baseline or {}),
+         "transition_step": r.transition_step,
+         "transition_timestep": None if r.transition_step is None else r.timesteps[r.transition_step]}
+        for r in records
+    ]).astype({"transition_step": "Int64"}).to_csv(run_dir / "generations.csv", index=False)
+
+
+def write_figures(run_dir: Path, records: list[Record], seeds: list[int], max_rows: int = 8, max_cols: int = 8) -> None:
+    """``grid.png`` (rows: prompts, columns: seeds) and ``d_curves.png`` (d_t and s per step, every image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_key = {(r.prompt_idx, r.seed): r for r in records}
+    rows = sorted({r.prompt_idx for r in records})[:max_rows]
+    cols = seeds[:max_cols]
+    tiles = [[Image.open(run_dir / "images" / image_name(i, s)).convert("RGB") for s in cols if (i, s) in by_key]
+             for i in rows]
+    side = max(64, max(t.width for row in tiles for t in row))
+    grid = Image.new("RGB", (side * len(cols), side * len(rows)), "white")
+    for y, row in enumerate(tiles):
+        for x, tile in enumerate(row):
+            grid.paste(tile.resize((side, side), Image.NEAREST), (x * side, y * side))
+    grid.save(run_dir / "grid.png")
+
+    fig, (ax_d, ax_s) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    for r in records:
+        ax_d.plot(r.d, color=f"C{r.prompt_idx % 10}", alpha=0.4, lw=0.8)
+        ax_s.plot(r.scale, color=f"C{r.prompt_idx % 10}", alpha=0.4, lw=0.8)
+        if r.transition_step is not None:
+            ax_d.plot(r.transition_step, r.d[r.transition_step], "k|", ms=8)
+    ax_d.set_yscale("log")
+    ax_d.set_ylabel(r"$d_t = \|\epsilon_c - \epsilon_u\|^2$")
+    ax_d.set_title(f"{len(records)} generations (colour: prompt; |: transition step)")
+    ax_s.set_ylabel("scale s")
+    ax_s.set_xlabel("sampling step")
+    fig.tight_layout()
+    fig.savefig(run_dir / "d_curves.png", dpi=100)
+    plt.close(fig)
