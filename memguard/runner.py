@@ -1,6 +1,7 @@
 """``run(cfg)``: generate every (prompt, seed) of a scenario under a mitigation into one run folder.
 
-Folder layout (memguard.runs.folder reads and writes it; memguard.runs.outputs the tables and figures) (``cfg.run_dir``)::
+Folder layout (``cfg.run_dir``; :mod:`memguard.runs.folder` reads and writes it, :mod:`memguard.runs.outputs` its
+tables and figures)::
 
     config.yaml          the resolved config
     images/{prompt_idx:05d}_{seed}.png
