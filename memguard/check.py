@@ -157,7 +157,7 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
         report.warnings.append(f"{len(duplicates)} duplicate prompt(s), e.g. prompt {i} = prompt {first} "
                                f"{texts[i][:60]!r}; each is generated (and scored) again")
     tokenizer = _tokenizer(model)
-    long = [i for i, t in enumerate(texts) if len(tokenizer(t, truncation=False).input_ids) > CLIP_TOKENS]
+    long = [i for i, t in enumerate(texts) if len(tokenizer(t, truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
     if long:
         report.warnings.append(f"{len(long)} prompt(s) longer than {CLIP_TOKENS} CLIP tokens are truncated by the "
                                f"text encoder (prompt {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''})")
