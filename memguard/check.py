@@ -157,7 +157,9 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
         report.warnings.append(f"{len(duplicates)} duplicate prompt(s), e.g. prompt {i} = prompt {first} "
                                f"{texts[i][:60]!r}; each is generated (and scored) again")
     tokenizer = _tokenizer(model)
-    long = [i for i, t in enumerate(texts) if len(tokenizer(t, truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
+    # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens
+    long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS
+            and len(tokenizer(t, truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
     if long:
         report.warnings.append(f"{len(long)} prompt(s) longer than {CLIP_TOKENS} CLIP tokens are truncated by the "
                                f"text encoder (prompt {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''})")
