@@ -1,6 +1,7 @@
 """The ``memguard`` command: a sub-command word, then Hydra overrides.
 
     memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
+    memguard check [key=value ...]          check every input a run needs (model, prompts, references, weights)
     memguard evaluate [key=value ...]       (re-)evaluate a run folder: run_dir=DIR references=DIR metrics=...
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
     memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.runner import run
 
         _hydra_command("run", run, rest)
+    elif command == "check":
+        from memguard.check import check
+
+        _hydra_command("check", check, rest)
     elif command == "evaluate":
         from memguard.evaluate import evaluate
 
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "random-model":
         _random_model(rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, train, finetune, tables, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, evaluate, train, finetune, tables, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

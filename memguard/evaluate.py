@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from memguard.errors import UserError, instantiate_checked
 from memguard.metrics.fid import frechet_distance
-from memguard.metrics.similarity import embed_files, load_images, nearest_references, summarize
+from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
+from memguard.metrics.similarity import embed_files, nearest_references, summarize
 from memguard.runs.folder import update_metrics
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,13 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
     embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
     root = Path(cfg.references).expanduser()
     log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))
-    nearest = nearest_references(embed_files([run_dir / f for f in generations.file], embedder),
-                                 embed_files(references, embedder, cache_dir=cfg.paths.cache_dir),
-                                 groups=reference_groups(generations, references, root))
+    generated = embed_files([run_dir / f for f in generations.file], embedder, num_workers=cfg.image_workers,
+                            key=f"run_dir={str(run_dir)!r}", fix=REMAKE_FIX)
+    skipped: list[Path] | None = [] if cfg.skip_unreadable else None
+    embedded = embed_files(references, embedder, cache_dir=cfg.paths.cache_dir, num_workers=cfg.image_workers,
+                           skipped=skipped, key=f"references={str(cfg.references)!r}")
+    references = [f for f in references if f not in set(skipped or [])]
+    nearest = nearest_references(generated, embedded, groups=reference_groups(generations, references, root))
     generations["similarity"] = nearest.similarity.numpy()
     generations["nearest_reference"] = [str(references[i].relative_to(root)) for i in nearest.index.tolist()]
 
@@ -88,6 +93,7 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
 
     result = {"embedder": embedder.name, "threshold": cfg.metrics.threshold,
               "copy_threshold": cfg.metrics.copy_threshold, "references": len(references),
+              **({"references_skipped": [str(f.relative_to(root)) for f in skipped]} if skipped else {}),
               **summary(nearest.similarity), **by_group(generations, "similarity", summary)}
     log.info("similarity p95 %.4f, mean %.4f +- %.4f", result["p95"], result["mean"], result["std"])
     return {"similarity": result}
@@ -96,11 +102,17 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
 def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path],
                     batch_size: int = 64) -> dict[str, Any]:
     scorer = instantiate_checked(cfg.metrics.alignment, "metrics.alignment")
-    scores = []
-    for start in tqdm(range(0, len(generations), batch_size), desc="alignment", disable=not cfg.progress):
-        rows = generations.iloc[start : start + batch_size]
-        scores.append(scorer(load_images([run_dir / f for f in rows.file]), list(rows.prompt)))
-    generations["alignment"] = torch.cat(scores).numpy()
+    score, prompts = getattr(scorer, "score", scorer), list(generations.prompt)
+    scores, unreadable = torch.full((len(generations),), float("nan")), Unreadable()
+    for index, tensors in tqdm(image_batches([run_dir / f for f in generations.file], transform_of(scorer), batch_size,
+                                             cfg.image_workers, unreadable), desc="alignment", disable=not cfg.progress):
+        for shape in {t.shape for t in tensors}:  # images of one shape per call
+            rows = [k for k, t in enumerate(tensors) if t.shape == shape]
+            scores[[index[k] for k in rows]] = score(torch.stack([tensors[k] for k in rows]),
+                                                     [prompts[index[k]] for k in rows]).float()
+    if unreadable.files:
+        raise unreadable.error(f"run_dir={str(run_dir)!r}", REMAKE_FIX)
+    generations["alignment"] = scores.numpy()
 
     def summary(values: torch.Tensor) -> dict[str, float]:
         return {"mean": float(values.double().mean()), "std": float(values.double().std(unbiased=False))}
@@ -113,11 +125,17 @@ def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, r
 
 def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
     features = instantiate_checked(cfg.metrics.fid, "metrics.fid")
-    value = frechet_distance(embed_files([run_dir / f for f in generations.file], features),
-                             embed_files(references, features, cache_dir=cfg.paths.cache_dir))
+    skipped: list[Path] | None = [] if cfg.skip_unreadable else None
+    value = frechet_distance(embed_files([run_dir / f for f in generations.file], features,
+                                         num_workers=cfg.image_workers, key=f"run_dir={str(run_dir)!r}",
+                                         fix=REMAKE_FIX),
+                             embed_files(references, features, cache_dir=cfg.paths.cache_dir,
+                                         num_workers=cfg.image_workers, skipped=skipped,
+                                         key=f"references={str(cfg.references)!r}"))
     log.info("%s %.3f with %s", features.kind, value, features.name)
     return {"fid": {"kind": features.kind, "features": features.name, "value": value,
-                    "generations": len(generations), "references": len(references)}}
+                    "generations": len(generations), "references": len(references) - len(skipped or []),
+                    **({"references_skipped": [str(f) for f in skipped]} if skipped else {})}}
 
 
 # stage name (the ``metrics`` key that turns it on) -> (stage, whether it compares with the reference images)

@@ -30,6 +30,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
 from memguard.baselines import Baselines
+from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule
@@ -122,6 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first
         instantiate_checked(cfg.dataset, "dataset")
+    require_inputs(cfg)  # every input at once (memguard check), before anything is generated or written
     loaded, seeds = load_prompts(cfg), load_seeds(cfg)
     prompts = loaded.texts
     evaluating = cfg.evaluate and bool(planned_stages(cfg))

@@ -67,13 +67,17 @@ class ClipScorer(Scorer):
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device = device
         self.name = f"clip[{model}, {file.name}]"
+        self.transform = self.preprocess  # files: each PIL image through the model's own preprocessing
 
-    @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         from torchvision.transforms.v2.functional import to_pil_image
 
-        pixels = torch.stack([self.preprocess(to_pil_image(im.clamp(0, 1))) for im in images]).to(self.device)
-        image = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        return self.score(torch.stack([self.preprocess(to_pil_image(im.clamp(0, 1))) for im in images]), prompts)
+
+    @torch.no_grad()
+    def score(self, pixels: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Scores of images already through :attr:`preprocess`."""
+        image = F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
         text = F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
         return (image * text).sum(dim=-1).cpu()
 

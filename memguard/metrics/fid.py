@@ -22,6 +22,7 @@ from torch import Tensor
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
+from memguard.metrics.images import to_uint8_tensor
 
 INCEPTION_HELP = ("the FID Inception weights are a local file: weights-inception-2015-12-05-6726825d.pth from "
                   "https://github.com/toshas/torch-fidelity/releases (v0.2.0), the TensorFlow FID network converted")
@@ -58,11 +59,16 @@ class InceptionFeatures:
                             f"({str(err).splitlines()[0][:200]}); {INCEPTION_HELP}") from err
         self.device = device
         self.name = f"inception-v3-compat[{file.name}, pool 2048]"
+        # files: each image as torch-fidelity reads it (uint8 RGB, any size); the network resizes it to 299
+        self.transform = to_uint8_tensor
 
     @torch.no_grad()
+    def embed(self, pixels: Tensor) -> Tensor:
+        """Features of uint8 images ``(B, 3, H, W)`` of one size (torch-fidelity resizes them itself)."""
+        return self.model(pixels.to(self.device))[0].double().cpu()
+
     def __call__(self, images: Tensor) -> Tensor:
-        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).to(self.device)
-        return self.model(pixels)[0].double().cpu()
+        return self.embed((images.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
 class PixelFeatures:

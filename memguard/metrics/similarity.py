@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
+from memguard.metrics.images import SKIP_FIX, Unreadable, apply_by_shape, embed_of, image_batches, read_image, transform_of
 
 SSCD_URL = "https://github.com/facebookresearch/sscd-copy-detection (README: pretrained models)"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -43,7 +44,12 @@ SSCD_PREPROCESSING = {
 
 
 class Embedder:
-    """Maps images ``(B, 3, H, W)`` in ``[0, 1]`` to L2-normalised embeddings ``(B, D)``."""
+    """Maps images ``(B, 3, H, W)`` in ``[0, 1]`` to L2-normalised embeddings ``(B, D)``.
+
+    :func:`embed_files` reads files through ``transform`` (one PIL image to one tensor, default ``[0, 1]``
+    pixels) and ``embed`` (a stack of same-shaped transformed images to embeddings, default ``__call__``); see
+    memguard.metrics.images.
+    """
 
     name: str = "embedder"
 
@@ -96,6 +102,7 @@ class SSCDEmbedder(Embedder):
                             f"use the .torchscript.pt files from {SSCD_URL}") from err
         self.mode, self.device = mode, torch.device(device)
         self.name = f"sscd[{file.name}, {mode}]"
+        self.transform = sscd_transform(mode)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """torchvision ``Resize(resize)`` (shorter side, bilinear, antialias), ``CenterCrop(crop)`` for ``dcr``,
@@ -109,8 +116,25 @@ class SSCDEmbedder(Embedder):
         return TF.normalize(x, list(mean), list(std))
 
     @torch.no_grad()
+    def embed(self, pixels: Tensor) -> Tensor:
+        """The descriptors of images already through :attr:`transform` (or :meth:`preprocess`), L2-normalised."""
+        return F.normalize(self.model(pixels.to(self.device)).float().cpu(), dim=1)
+
     def __call__(self, images: Tensor) -> Tensor:
-        return F.normalize(self.model(self.preprocess(images).to(self.device)).float().cpu(), dim=1)
+        return self.embed(self.preprocess(images))
+
+
+def sscd_transform(mode: str) -> Callable[[Image.Image], Tensor]:
+    """The per-image PIL pipeline of a preprocessing mode: ``dcr`` is DCR's ``ret_transform``
+    (somepago/DCR ``diff_retrieval.py`` lines 325-330: ``Resize(256)``, ``CenterCrop(224)``, ``ToTensor()``,
+    ``Normalize([0.5], [0.5])``) on ``Image.open(f).convert("RGB")`` (line 105); ``official`` is
+    ``Resize(288)``, ``ToTensor()``, ImageNet ``Normalize`` (sscd-copy-detection README), whose images keep
+    their aspect ratio (a batch of mixed shapes is embedded per shape)."""
+    from torchvision import transforms
+
+    resize, crop, mean, std = SSCD_PREPROCESSING[mode]
+    steps = [transforms.Resize(resize)] + ([transforms.CenterCrop(crop)] if crop is not None else [])
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(list(mean), list(std))])
 
 
 @dataclass
@@ -155,8 +179,9 @@ def summarize(similarity: Tensor, threshold: float = 0.5) -> dict[str, float]:
 
 
 def load_images(files: Sequence[str | Path]) -> Tensor:
-    """Images as ``(B, 3, H, W)`` floats in ``[0, 1]``; all files must have one size."""
-    arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0 for f in files]
+    """Images as ``(B, 3, H, W)`` floats in ``[0, 1]``; all files must have one size (for files of any size,
+    :func:`embed_files` reads one at a time)."""
+    arrays = [np.asarray(read_image(f), dtype=np.float32) / 255.0 for f in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
@@ -165,27 +190,53 @@ def files_digest(files: Sequence[str | Path]) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(Path(f).name.encode())
-        digest.update(Path(f).read_bytes())
+        try:
+            digest.update(Path(f).read_bytes())
+        except OSError:  # unreadable: embed_files reports it
+            digest.update(b"\0unreadable")
     return digest.hexdigest()
 
 
 def embed_files(files: Sequence[str | Path], embedder: Embedder, batch_size: int = 64,
-                cache_dir: str | Path | None = None) -> Tensor:
+                cache_dir: str | Path | None = None, num_workers: int = 0, skipped: list[Path] | None = None,
+                key: str = "references", fix: str = SKIP_FIX) -> Tensor:
     """Embed image files in batches; with ``cache_dir``, reuse an earlier result for the same files and embedder.
+
+    Each file is decoded and preprocessed on its own (``embedder.transform``, in ``num_workers`` DataLoader
+    worker processes, 0: in this one), so files may differ in size, mode and format; only one batch of pixels
+    is held at a time. A file that cannot be read stops with one error listing every such file (``key`` names
+    the input, ``fix`` what to do), unless ``skipped`` is a list: then those files are left out of the result
+    and appended to it.
 
     The cache key is the SHA-256 of the embedder's name and the files' names and contents, so editing, adding
     or reordering a reference image, or changing the embedder or its preprocessing, computes anew.
     """
     cache_file = None
     if cache_dir is not None:
-        key = hashlib.sha256(f"{embedder.name}\n{files_digest(files)}".encode()).hexdigest()[:32]
-        cache_file = Path(cache_dir) / f"{key}.pt"
+        digest = hashlib.sha256(f"{embedder.name}\n{files_digest(files)}".encode()).hexdigest()[:32]
+        cache_file = Path(cache_dir) / f"{digest}.pt"
         if cache_file.exists():
-            return torch.load(cache_file)["embeddings"]
-    embeddings = torch.cat([embedder(load_images(files[i : i + batch_size])) for i in range(0, len(files), batch_size)])
+            cached = torch.load(cache_file)
+            if cached.get("skipped") and skipped is None:
+                raise Unreadable([Path(f) for f in cached["skipped"]], cached["reasons"]).error(key, fix)
+            if skipped is not None:
+                skipped.extend(Path(f) for f in cached.get("skipped", []))
+            return cached["embeddings"]
+    unreadable, parts = Unreadable(), []
+    transform, embed = transform_of(embedder), embed_of(embedder)
+    for _, tensors in image_batches(files, transform, batch_size, num_workers, unreadable):
+        parts.append(apply_by_shape(embed, tensors))
+    if unreadable.files and skipped is None:
+        raise unreadable.error(key, fix)
+    if not parts:
+        raise UserError(f"{key}: none of the {len(files)} image files can be read")
+    embeddings = torch.cat(parts)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs each write their own, then rename
-        torch.save({"embeddings": embeddings, "embedder": embedder.name, "files": [str(f) for f in files]}, tmp)
+        torch.save({"embeddings": embeddings, "embedder": embedder.name, "files": [str(f) for f in files],
+                    "skipped": [str(f) for f in unreadable.files], "reasons": unreadable.reasons}, tmp)
         tmp.replace(cache_file)
+    if skipped is not None:
+        skipped.extend(unreadable.files)
     return embeddings

@@ -7,6 +7,7 @@ prompts are refused rather than mixed into.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image, PngImagePlugin
 from memguard.errors import UserError
 from memguard.guidance import transition_step
 
+log = logging.getLogger(__name__)
 # Config sections that decide what an image looks like; a run folder only resumes under the same values.
 GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "resolution", "dtype")
 PNG_KEY = "memguard"
@@ -91,17 +93,34 @@ def write_image(path: Path, pixels: torch.Tensor, record: Record) -> None:
     os.replace(tmp, path)
 
 
+def finished_record(path: Path) -> Record | None:
+    """The record of a finished image: None where the file cannot be decoded (damaged, truncated) or carries
+    no record, neither of which a finished image is (an image and its record are written in one rename)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = image.info.get(PNG_KEY)
+        return Record(**json.loads(text)) if text else None
+    except (OSError, ValueError, SyntaxError, TypeError):  # PIL.UnidentifiedImageError is an OSError
+        return None
+
+
 def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dict[tuple[int, int], Record]:
-    """Records of the requested images already in the folder; refuses images made for another prompt."""
+    """Records of the requested images already in the folder; refuses images made for another prompt. An
+    image that cannot be read or has no record is left out, with a warning, so it is made again."""
     records = {}
     for idx, prompt in enumerate(prompts):
         for seed in seeds:
             path = run_dir / "images" / image_name(idx, seed)
             if not path.exists():
                 continue
-            record = read_record(path)
-            if record is None or record.prompt != prompt:
-                found = "no memguard record" if record is None else f"prompt {record.prompt!r}"
+            record = finished_record(path)
+            if record is None:
+                log.warning("%s cannot be read or carries no memguard record (never a finished image): made again",
+                            path)
+                continue
+            if record.prompt != prompt:
+                found = f"prompt {record.prompt!r}"
                 raise UserError(
                     f"{path} has {found}, not prompt {idx} {prompt!r}; the prompt list changed since this folder "
                     "was made: choose another folder with run_name=NAME"

@@ -1,0 +1,333 @@
+"""``memguard check``: every input a scenario needs, checked cheaply and reported all at once.
+
+Run on its own (``memguard check scenario=webster500 metrics=paper``) and at the start of every ``memguard
+run``, before the run folder is touched. It checks, without the network and without running a network:
+
+- ``model.path``: the folder, ``model_index.json`` and each component's config and weights file (a
+  safetensors header or a torch zip archive opens; no tensor is read);
+- the prompts: count, duplicates, blank lines, prompts longer than 77 CLIP tokens (the text encoder truncates
+  them), the seeds;
+- ``references`` (when the run evaluates against them): the folder, its image count, each prompt's own
+  subfolder (``references_per_prompt``), files whose header PIL cannot read (``Image.open`` without decoding);
+- each metric's weights file (``metrics.<stage>.path``): present, and its archive opens;
+- free disk under ``run_dir`` for the images still to make.
+
+Problems stop with one ``memguard: error:`` listing every one (each line: the key, what is wrong, the fix);
+warnings (duplicates, truncated prompts, blank lines) are printed and do not stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from memguard.errors import UserError
+
+log = logging.getLogger(__name__)
+CLIP_TOKENS = 77
+# component -> (config file, accepted weights files; any one of them)
+COMPONENT_FILES = {
+    "unet": ("config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                             "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors")),
+    "vae": ("config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                            "diffusion_pytorch_model.fp16.safetensors")),
+    "text_encoder": ("config.json", ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                     "model.fp16.safetensors")),
+    "tokenizer": ("tokenizer_config.json", ("vocab.json", "tokenizer.json")),
+    "scheduler": ("scheduler_config.json", ()),
+}
+
+
+@dataclass
+class Report:
+    """What the check found: ``problems`` stop a run, ``warnings`` do not, ``notes`` say what was seen."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def error(self) -> UserError:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return UserError(f"{len(self.problems)} input(s) missing or wrong (nothing was generated):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def source(cfg: DictConfig, key: str) -> str:
+    """``; get it: ...`` from the scenario's ``sources.<key>`` (where that input comes from), or nothing."""
+    where = (cfg.get("sources") or {}).get(key)
+    return f"; get it: {where}" if where else ""
+
+
+def archive_problem(path: Path) -> str | None:
+    """None if the weights file's container opens (safetensors header, torch zip archive, TorchScript
+    archive, or a small legacy torch pickle that loads), else what is wrong. Reads no tensor data."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return None if list(f.keys()) else "holds no tensors"
+        if path.name.endswith(".index.json"):
+            json.loads(path.read_text())
+            return None
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+            return None
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            return None if any(n.endswith("data.pkl") for n in names) else "is a zip file but not a torch archive"
+        if path.stat().st_size < 512 * 2**20:  # an old-style torch pickle: small enough to load
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=True)
+            return None
+        return None
+    except Exception as err:  # noqa: BLE001  (any failure to open means: not a usable weights file)
+        return f"cannot be opened ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+
+
+def check_model(cfg: DictConfig, report: Report) -> Path | None:
+    """``model.path`` and each component's files; the folder if it is usable."""
+    from memguard.components import FOLDER_HELP, _pixel_space
+
+    if OmegaConf.is_missing(cfg.model, "path"):
+        report.problems.append(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
+        return None
+    folder = Path(cfg.model.path).expanduser()
+    if not folder.is_dir():
+        report.problems.append(f"model.path={str(cfg.model.path)!r}: no such folder{source(cfg, 'model')}; "
+                               f"{FOLDER_HELP}")
+        return None
+    wrong = []
+    if not (folder / "model_index.json").is_file():
+        wrong.append("model_index.json is missing")
+    for component, (config, weights) in COMPONENT_FILES.items():
+        if component == "vae" and _pixel_space(folder):
+            continue
+        sub = folder / component
+        if not sub.is_dir():
+            wrong.append(f"{component}/ is missing")
+            continue
+        if not (sub / config).is_file():
+            wrong.append(f"{component}/{config} is missing")
+        if weights:
+            present = [sub / w for w in weights if (sub / w).is_file()]
+            if not present:
+                wrong.append(f"{component}/ has none of {', '.join(weights)}")
+            elif (problem := archive_problem(present[0])) is not None:
+                wrong.append(f"{component}/{present[0].name} {problem}")
+    if wrong:
+        report.problems.append(f"model.path={str(cfg.model.path)!r}: {'; '.join(wrong)}; {FOLDER_HELP}")
+        return None
+    return folder
+
+
+def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
+    """The prompts (None where they cannot be loaded): count, duplicates, blank lines, long prompts."""
+    from memguard.runs.prompts import load_prompts
+
+    try:
+        loaded = load_prompts(cfg)
+    except UserError as err:
+        report.problems.append(f"{err}{source(cfg, 'prompts_file')}")
+        return None
+    texts = loaded.texts
+    report.notes.append(f"prompts: {len(texts)}" + (f" from {cfg.prompts_file}" if cfg.prompts_file else ""))
+    if cfg.prompts_file is not None:
+        lines = Path(cfg.prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+        blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
+        if blank:
+            report.warnings.append(f"prompts_file={str(cfg.prompts_file)!r}: {len(blank)} blank line(s) skipped "
+                                   f"(line {', '.join(map(str, blank[:5]))}{' ...' if len(blank) > 5 else ''})")
+    seen: dict[str, int] = {}
+    duplicates = [(i, seen[t]) for i, t in enumerate(texts) if seen.setdefault(t, i) != i]
+    if duplicates:
+        i, first = duplicates[0]
+        report.warnings.append(f"{len(duplicates)} duplicate prompt(s), e.g. prompt {i} = prompt {first} "
+                               f"{texts[i][:60]!r}; each is generated (and scored) again")
+    tokenizer = _tokenizer(model)
+    # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens
+    long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS
+            and len(tokenizer(t, truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
+    if long:
+        report.warnings.append(f"{len(long)} prompt(s) longer than {CLIP_TOKENS} CLIP tokens are truncated by the "
+                               f"text encoder (prompt {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''})")
+    return loaded
+
+
+def _tokenizer(model: Path | None) -> Any:
+    """The model's own tokenizer, or the CLIP tokenizer (the same BPE) where the model folder is unusable."""
+    from memguard.components import clip_tokenizer
+
+    if model is not None:
+        from transformers import CLIPTokenizer
+
+        try:
+            return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        except (OSError, ValueError):
+            pass
+    return clip_tokenizer()
+
+
+def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
+    """The reference folder: images present and their headers readable, each prompt's own subfolder."""
+    from PIL import Image
+
+    from memguard.evaluate import reference_files
+
+    try:
+        files = reference_files(cfg.references)
+    except UserError as err:
+        report.problems.append(f"{err} (needed by metrics={cfg.metrics.name}){source(cfg, 'references')}")
+        return
+    root = Path(cfg.references).expanduser()
+    report.notes.append(f"references: {len(files)} images in {root}")
+    if prompts is not None and cfg.references_per_prompt is not None:
+        folders = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
+        missing = sorted({k for k in prompts.reference_keys if str(k) not in folders}, key=str)
+        if missing:
+            report.problems.append(
+                f"references={str(cfg.references)!r}: {len(missing)} prompt(s) have no images in their own subfolder "
+                f"({', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}; "
+                f"references_per_prompt={cfg.references_per_prompt}); put each prompt's ground truth in "
+                f"{root}/<{cfg.references_per_prompt}>/{source(cfg, 'references')}")
+    unreadable = []
+    for f in files:
+        try:
+            with Image.open(f) as image:  # the header only; pixels are decoded when the metrics run
+                image.size  # noqa: B018
+        except Exception:  # noqa: BLE001  (any failure: PIL cannot read it)
+            unreadable.append(str(f.relative_to(root)))
+    if unreadable:
+        line = (f"references={str(cfg.references)!r}: {len(unreadable)} image file(s) cannot be read: "
+                f"{', '.join(unreadable)}")
+        if cfg.get("skip_unreadable"):
+            report.warnings.append(f"{line}; left out (skip_unreadable=true)")
+        else:
+            report.problems.append(f"{line}; replace or delete them, or set skip_unreadable=true to leave them out")
+
+
+def _weights_help(target: str) -> str:
+    if "SSCD" in target:
+        from memguard.metrics.similarity import SSCD_URL
+
+        return f"download sscd_disc_large.torchscript.pt from {SSCD_URL}"
+    if "Clip" in target:
+        from memguard.metrics.alignment import OPEN_CLIP_HELP
+
+        return OPEN_CLIP_HELP
+    if "Inception" in target:
+        from memguard.metrics.fid import INCEPTION_HELP
+
+        return INCEPTION_HELP
+    return "see the README, Evaluation"
+
+
+def check_weights(cfg: DictConfig, report: Report, stages: list[str]) -> None:
+    """Each metric stage's weights file: present, and its archive opens."""
+    for stage in stages:
+        node = cfg.metrics[stage]
+        if "path" not in node:
+            continue
+        key, path = f"metrics.{stage}.path", Path(str(node.path)).expanduser()
+        help_text = _weights_help(str(node.get("_target_", "")))
+        if not path.is_file():
+            report.problems.append(f"{key}={str(node.path)!r} is not a file; {help_text}")
+        elif (problem := archive_problem(path)) is not None:
+            report.problems.append(f"{key}={str(node.path)!r} {problem}; {help_text}")
+        else:
+            report.notes.append(f"{key}: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+
+
+def check_disk(cfg: DictConfig, report: Report, n_images: int, model: Path | None) -> None:
+    """Free space under ``run_dir`` for ``n_images`` images not yet made (an uncompressed RGB image each)."""
+    side = cfg.resolution or _model_resolution(model) or 512
+    run_dir = Path(cfg.run_dir).expanduser().absolute()
+    existing = len(list((run_dir / "images").glob("*.png"))) if (run_dir / "images").is_dir() else 0
+    need = max(n_images - existing, 0) * (3 * side * side + 8192)
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        report.problems.append(f"run_dir={str(cfg.run_dir)!r}: {n_images - existing} images of {side} px need up to "
+                               f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on {parent}; free space or "
+                               "choose paths.output_dir on another disk")
+
+
+def _model_resolution(model: Path | None) -> int | None:
+    try:
+        unet = json.loads((model / "unet" / "config.json").read_text())
+        vae_file = model / "vae" / "config.json"
+        factor = 2 ** (len(json.loads(vae_file.read_text())["block_out_channels"]) - 1) if vae_file.is_file() else 1
+        return int(unet["sample_size"]) * factor
+    except (OSError, TypeError, KeyError, ValueError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task
+
+
+def check_inputs(cfg: DictConfig) -> Report:
+    """Every input of ``cfg`` that a run needs; nothing is written."""
+    from memguard.evaluate import STAGES
+    from memguard.runs.prompts import load_seeds
+
+    report = Report()
+    model = check_model(cfg, report)
+    if cfg.get("dataset") is not None and cfg.prompts_file is not None and not Path(cfg.prompts_file).exists():
+        report.notes.append(f"prompts and references: written by dataset ({cfg.dataset._target_}) on the first run")
+        check_weights(cfg, report, [n for n in STAGES if cfg.metrics.get(n) is not None] if cfg.evaluate else [])
+        return report
+    prompts = check_prompts(cfg, report, model)
+    try:
+        seeds = load_seeds(cfg)
+    except UserError as err:
+        report.problems.append(str(err))
+        seeds = []
+    stages = [name for name in STAGES if cfg.metrics.get(name) is not None] if cfg.evaluate else []
+    if any(STAGES[name][1] for name in stages):
+        if cfg.references is None:
+            report.problems.append(f"references is not set, and metrics={cfg.metrics.name} compares with reference "
+                                   "images; give references=DIR, or evaluate=false")
+        else:
+            check_references(cfg, report, prompts)
+    check_weights(cfg, report, stages)
+    if prompts is not None and seeds:
+        check_disk(cfg, report, len(prompts.texts) * len(seeds), model)
+    return report
+
+
+def require_inputs(cfg: DictConfig) -> Report:
+    """:func:`check_inputs`; warnings are logged, problems raised as one UserError listing them all."""
+    report = check_inputs(cfg)
+    for warning in report.warnings:
+        log.warning(warning)
+    if report.problems:
+        raise report.error()
+    return report
+
+
+def check(cfg: DictConfig) -> Report:
+    """``memguard check``: print what was found and the warnings; problems are one error (exit 2)."""
+    report = check_inputs(cfg)
+    for line in report.notes:
+        print(line)
+    for line in report.warnings:
+        print(f"warning: {line}")
+    if report.problems:
+        raise report.error()
+    print(f"memguard check: every input of scenario={cfg.scenario.name} is present")
+    return report
