@@ -81,10 +81,10 @@ def test_config_dir_ships_with_the_package() -> None:
 
 
 def test_metrics_options_compose() -> None:
-    assert options("metrics") == ["none", "paper", "pixel", "sscd", "tiny"]
+    assert options("metrics") == ["detection", "none", "paper", "pixel", "sscd", "tiny"]
     for option in options("metrics"):  # every option sets every stage key (null where it has no such metric)
         metrics = compose_config([f"metrics={option}"]).metrics
-        assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid"}
+        assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid", "detection"}
     embedder = instantiate(compose_config(["metrics=pixel", "metrics.similarity.pool=4"]).metrics.similarity)
     assert embedder.name == "pixel(size=32,pool=4)"
     cfg = compose_config(["metrics=paper", "device=cpu"])

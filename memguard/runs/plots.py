@@ -67,9 +67,8 @@ def plot_norms(run_dirs: list[Path], output: Path | None = None) -> Path:
             if col == 0:
                 ax.set_ylabel("mean L2 norm")
     axes[0][0].invert_xaxis()
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    axes[0][0].legend(fontsize=6, loc="center left")
+    fig.tight_layout()
     path = Path(output) if output is not None else Path(run_dirs[0]) / "norms.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
