@@ -6,6 +6,8 @@
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
     memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
+    memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run
+    memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
     memguard random-model DIR [--seed N]    write a tiny random-weight SD folder (tests, demos, benchmarks)
 
 A plain ``@hydra.main`` would read the sub-command word as an override; here it is taken off ``sys.argv``
@@ -79,6 +81,36 @@ def _tables(args: list[str]) -> None:
     print(f"tables written to {options.output_dir / 'tables'}")
 
 
+def _calibrate(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="memguard calibrate", description=(
+        "Set mitigation=auto's detection threshold from a standard-CFG run (mitigation=none) of prompts that are "
+        "not memorized: at most --fpr of its images score above it. Writes RUN_DIR/calibration.json."))
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--fpr", type=float, default=0.01, help="false-positive rate to allow (0.01)")
+    parser.add_argument("--detect-step", type=int, default=0, help="mitigation.auto.detect_step (0)")
+    parser.add_argument("--group", nargs="*", default=None, help="use only these prompt groups (e.g. unique)")
+    options = parser.parse_args(args)
+    from memguard.metrics.detection import calibrate
+
+    result = calibrate(options.run_dir, options.fpr, options.detect_step, options.group)
+    print(f"threshold {result['threshold']:.6g} ({result['measured_fpr']:.4f} of {result['n_images']} images above it) "
+          f"written to {options.run_dir / 'calibration.json'}; use it with mitigation=auto "
+          f"mitigation.auto.calibration={options.run_dir / 'calibration.json'} or "
+          f"mitigation.auto.threshold={result['threshold']:.6g}")
+
+
+def _plot(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="memguard plot", description=(
+        "The paper's Figures 3, 9, 10, 12: mean ||eps_c||, ||eps_u|| and ||eps_c - eps_u|| per timestep and prompt "
+        "group, one panel per run folder, transition steps marked. Writes norms.png into the first folder."))
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--output", type=Path, default=None, help="the figure's file (default RUN_DIR/norms.png)")
+    options = parser.parse_args([a.removeprefix("run_dir=") for a in args])
+    from memguard.runs.plots import plot_norms
+
+    print(f"wrote {plot_norms(options.run_dirs, options.output)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -109,8 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         _tables(rest)
     elif command == "random-model":
         _random_model(rest)
+    elif command in ("calibrate", "plot"):
+        _report_user_errors(_calibrate if command == "calibrate" else _plot, rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, evaluate, train, finetune, tables, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, evaluate, train, finetune, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 - ``metrics.alignment`` (a scorer): per image ``alignment``, scored against the prompt the run was asked for
   (``generations.csv``'s ``prompt``, also where a baseline changed what the model saw); aggregate mean, std.
 - ``metrics.fid`` (a feature extractor): Frechet distance of the generations' features to the references'.
+- ``metrics.detection`` (:class:`~memguard.metrics.detection.Detection`): per image Wen et al.'s score and the
+  shape of ``d_t``; with labels (prompt groups, or copies from the similarity stage) ROC-AUC, TPR at 1% FPR and
+  ``roc.png``.
 
 Every aggregate names the network that made it and, where the prompts carry groups (``group`` in a JSONL
 prompts file), is also given per group. Re-evaluating replaces these columns and entries; images are never
@@ -29,6 +32,7 @@ from memguard.metrics.fid import frechet_distance
 from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
 from memguard.metrics.similarity import embed_files, nearest_references, summarize
 from memguard.runs.folder import update_metrics
+from memguard.runs.report import write_grid, write_report
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -138,8 +142,20 @@ def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, referen
                     **({"references_skipped": [str(f) for f in skipped]} if skipped else {})}}
 
 
+def detection_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
+    from memguard.metrics.detection import detection_stage_result
+
+    settings = instantiate_checked(cfg.metrics.detection, "metrics.detection")
+    copy = cfg.metrics.copy_threshold if cfg.metrics.copy_threshold is not None else cfg.metrics.threshold
+    result = detection_stage_result(settings, run_dir, generations, copy)
+    log.info("detection (%s): %s", result["detection"]["labels"],
+             {k: v for k, v in result["detection"].items() if isinstance(v, dict)})
+    return result
+
+
 # stage name (the ``metrics`` key that turns it on) -> (stage, whether it compares with the reference images)
-STAGES = {"similarity": (similarity_stage, True), "alignment": (alignment_stage, False), "fid": (fid_stage, True)}
+STAGES = {"similarity": (similarity_stage, True), "alignment": (alignment_stage, False), "fid": (fid_stage, True),
+          "detection": (detection_stage, False)}
 
 
 def planned_stages(cfg: DictConfig) -> list[str]:
@@ -166,4 +182,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
     generations.to_csv(table, index=False)
-    return update_metrics(run_dir, results)
+    metrics = update_metrics(run_dir, results)
+    write_grid(run_dir)  # now with the nearest references and copies outlined
+    write_report(run_dir)
+    return metrics

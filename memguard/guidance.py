@@ -43,6 +43,10 @@ class GuidanceSchedule:
     def check_timesteps(self, num_train_timesteps: int) -> None:
         """Raise ValueError if a timestep parameter lies outside ``[0, num_train_timesteps - 1]``."""
 
+    def decisions(self, d: Tensor) -> list[str | None]:
+        """Per sample, what a deciding schedule chose given the whole recorded ``d``; None for the others."""
+        return [None] * d.shape[0]
+
     @staticmethod
     def _full(d: Tensor, value: float) -> Tensor:
         return torch.full((d.shape[0],), value, dtype=torch.float32, device=d.device)
@@ -148,3 +152,75 @@ def transition_step(scales: Sequence[float]) -> int | None:
     ``interval`` the first step inside the interval; for ``dtp``/``og_dtp`` the switch step of Algorithm 1.
     """
     return next((k for k, s in enumerate(scales) if s > 0), None)
+
+
+def detection_score(d: Tensor, steps: int = 1) -> Tensor:
+    """Wen et al.'s memorization score per sample: the mean of ``||eps_c - eps_u||_2 = sqrt(d_t)`` over the first
+    ``steps`` sampling steps (``steps = 1``: the first step alone). ``d``: ``(B, >= steps)``.
+
+    Wen et al. (ICLR 2024) record ``noise_pred_text - noise_pred_uncond`` and its per-image L2 norm at every step
+    (YuxinWenRick/diffusion_memorization, local_sd_pipeline.py lines 173 and 195) and average it over steps
+    ``start:end`` and the generations of a prompt (examples/det_mem_viz.ipynb, the aggregation cell). memguard
+    scores each image on its own; averaging over a prompt's seeds is the same mean taken over more rows.
+    """
+    return d[:, :steps].clamp(min=0).sqrt().mean(dim=1)
+
+
+def calibrated_threshold(path: str | None, detect_step: int) -> float:
+    """The threshold ``memguard calibrate`` wrote to ``path`` (JSON), for the same ``detect_step``."""
+    import json
+    from pathlib import Path
+
+    from memguard.errors import UserError
+
+    if path is None or not Path(path).is_file():
+        raise UserError(f"mitigation.auto.threshold is not set and no calibration exists at "
+                        f"mitigation.auto.calibration={path}; give mitigation.auto.threshold=X, or calibrate it: "
+                        "memguard run mitigation=none (prompts not memorized), then memguard calibrate RUN_DIR --fpr 0.01")
+    calibration = json.loads(Path(path).read_text())
+    if calibration.get("detect_step") != detect_step:
+        raise UserError(f"mitigation.auto.calibration={path} was made for detect_step={calibration.get('detect_step')}, "
+                        f"not mitigation.auto.detect_step={detect_step}; calibrate again with --detect-step {detect_step}")
+    return float(calibration["threshold"])
+
+
+class Auto(GuidanceSchedule):
+    """Detect, then mitigate, in one pass (the paper's stated limitation, Sec. 6, closed as it suggests).
+
+    Per sample: plain CFG ``s = scale`` up to and including step ``detect_step``; there the detection score
+    :func:`detection_score` over steps ``0 .. detect_step`` is compared with ``threshold``. A sample above it
+    (flagged as memorized) follows ``inner`` (default ``og_dtp``'s :class:`DynamicTransition`) from step
+    ``detect_step`` on; any other keeps ``s = scale``. CFG before the decision keeps the score comparable with a
+    threshold calibrated on a standard-CFG run (Wen et al. detect on CFG trajectories too). With
+    ``detect_step = 0`` the decision is made on the first step's ``d`` and a flagged sample is under ``inner``
+    from its first step. No extra model evaluation: ``d`` is what the sampler measures anyway. Stateless: the
+    decision is recomputed from the history at every call. Ranges: ``detect_step >= 0``, ``threshold >= 0``.
+    """
+
+    def __init__(self, inner: GuidanceSchedule, scale: float, threshold: float | None, detect_step: int = 0,
+                 calibration: str | None = None) -> None:
+        if threshold is None:
+            threshold = calibrated_threshold(calibration, detect_step)
+        _check_non_negative("scale", scale)
+        _check_non_negative("threshold", threshold)
+        if not isinstance(detect_step, int) or detect_step < 0:
+            raise ValueError(f"detect_step={detect_step} must be an integer >= 0 (0 = the first step)")
+        self.inner, self.scale, self.threshold, self.detect_step = inner, float(scale), float(threshold), detect_step
+
+    def flagged(self, d: Tensor) -> Tensor:
+        """Per sample, whether the score at ``detect_step`` exceeds the threshold (needs ``d`` up to it)."""
+        return detection_score(d, self.detect_step + 1) > self.threshold
+
+    def __call__(self, step: int, timestep: float, d: Tensor) -> Tensor:
+        cfg = self._full(d, self.scale)
+        if step < self.detect_step:
+            return cfg
+        return torch.where(self.flagged(d), self.inner(step, timestep, d).to(cfg.device), cfg)
+
+    def check_timesteps(self, num_train_timesteps: int) -> None:
+        self.inner.check_timesteps(num_train_timesteps)
+
+    def decisions(self, d: Tensor) -> list[str | None]:
+        if d.shape[1] <= self.detect_step:
+            return [None] * d.shape[0]
+        return ["mitigated" if f else "cfg" for f in self.flagged(d).tolist()]

@@ -102,10 +102,12 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
                                            baselines.attention)
             info = {k: v.cpu().tolist() for k, v in traj.info.items()}
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
+            norm_c, norm_u = traj.norm_c.cpu().tolist(), traj.norm_u.cpu().tolist()
+            decisions = schedule.decisions(traj.d)
             for i, (idx, seed) in enumerate(batch):
                 record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i],
                                 None if transform is None else model_prompts[i],
-                                {k: v[i] for k, v in info.items()} or None)
+                                {k: v[i] for k, v in info.items()} or None, norm_c[i], norm_u[i], decisions[i])
                 write_image(image_dir / record.file, images[i], record)
                 records.append(record)
             bar.update(len(batch))

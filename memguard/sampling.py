@@ -35,6 +35,8 @@ class Trajectory:
     timesteps: list[float]  # (steps,)
     d: Tensor  # (B, steps), float32, on the sampling device
     scale: Tensor  # (B, steps), float32
+    norm_c: Tensor | None = None  # (B, steps): ||eps_c||_2 in eps units, as d is (Figures 3, 9, 10, 12 of the paper)
+    norm_u: Tensor | None = None  # (B, steps): ||eps_u||_2
     info: dict[str, Tensor] = field(default_factory=dict)  # per-sample values an embedding adjustment reports
 
 
@@ -79,7 +81,7 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
     d = torch.zeros(noise.shape[0], len(timesteps), dtype=torch.float32, device=device)
     # d_t is measured in eps units: for a v-prediction model eps_c - eps_u = sqrt(abar_t) (v_c - v_u)
     v_prediction = scheduler.config.get("prediction_type") == "v_prediction"
-    scales = torch.zeros_like(d)
+    scales, norm_c, norm_u = torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)
 
     # 2. Denoising loop: one UNet call on [x, x] with [e_empty, e_prompt]
     for k, t in enumerate(timesteps):
@@ -89,6 +91,9 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
         d[:, k] = guidance.float().flatten(1).pow(2).sum(dim=1)
         if v_prediction:
             d[:, k] *= float(scheduler.alphas_cumprod[int(t)])
+        x_t = x_in[: latents.shape[0]]
+        norm_c[:, k] = _eps_norm(eps_c, x_t, scheduler, t, v_prediction)
+        norm_u[:, k] = _eps_norm(eps_u, x_t, scheduler, t, v_prediction)
         scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
         eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
         if callback is not None:
@@ -96,7 +101,16 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
                       "d": d[:, k], "scale": scales[:, k]})
         latents = scheduler.step(eps, t, latents, return_dict=False)[0]
 
-    return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales)
+    return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales, norm_c=norm_c, norm_u=norm_u)
+
+
+def _eps_norm(output: Tensor, x: Tensor, scheduler: SchedulerMixin, t: Tensor, v_prediction: bool) -> Tensor:
+    """Per-sample ``||eps||_2`` of a model output; for v-prediction ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``
+    (``x``: the scaled model input, the variance-preserving ``x_t``)."""
+    if v_prediction:
+        abar = float(scheduler.alphas_cumprod[int(t)])
+        output = abar ** 0.5 * output.float() + (1 - abar) ** 0.5 * x.float()
+    return output.float().flatten(1).norm(dim=1)
 
 
 @torch.no_grad()

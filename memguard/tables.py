@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from memguard.runs.report import write_table_report
+
 SIM, MEAN_STD, CLIP, FID = "Similarity (95pc)", "Mean ± Std", "CLIP Score", "FID"
 
 
@@ -173,7 +175,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def write_tables(output_dir: str | Path) -> list[Path]:
-    """Write ``tables/table{1..5}.{csv,md}`` and ``tables/tiny.{csv,md}`` under ``output_dir``."""
+    """Write ``tables/table{1..5}.{csv,md,html}`` and ``tables/tiny.{csv,md,html}`` under ``output_dir``."""
     out = Path(output_dir)
     runs, tables = out / "runs", out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -183,5 +185,5 @@ def write_tables(output_dir: str | Path) -> list[Path]:
     for name, (frame, title) in frames.items():
         frame.to_csv(tables / f"{name}.csv", index=False)
         (tables / f"{name}.md").write_text(f"## {title}\n\n{to_markdown(frame)}")
-        written += [tables / f"{name}.csv", tables / f"{name}.md"]
+        written += [tables / f"{name}.csv", tables / f"{name}.md", write_table_report(tables, name, title, frame)]
     return written

@@ -26,7 +26,7 @@ def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
 
 @pytest.mark.parametrize("mitigation", options("mitigation"))
 def test_every_mitigation_instantiates_a_schedule(mitigation: str) -> None:
-    cfg = compose_config([f"mitigation={mitigation}"])
+    cfg = compose_config([f"mitigation={mitigation}", *(["mitigation.auto.threshold=1"] if mitigation == "auto" else [])])
     assert cfg.mitigation.name.startswith(mitigation)  # parameterised ones carry their values: stp_t500
     schedule = instantiate(cfg.mitigation.schedule)
     assert isinstance(schedule, GuidanceSchedule)
@@ -62,8 +62,8 @@ def test_debug_and_experiment_compose() -> None:
     assert cfg.sampler.steps == 4 and cfg.run_name.startswith("debug/")
     cfg = compose_config(["experiment=schedules"], hydra=True)
     swept = cfg.hydra.sweeper.params.mitigation.split(",")
-    schedules = [m for m in options("mitigation")
-                 if all(compose_config([f"mitigation={m}"]).mitigation.get(k) is None for k in ("prompt", "embedding", "attention"))]
+    schedules = [m for m in options("mitigation") if m != "auto"  # auto needs a calibrated threshold first
+                 and all(compose_config([f"mitigation={m}"]).mitigation.get(k) is None for k in ("prompt", "embedding", "attention"))]
     assert sorted(swept) == schedules  # every guidance schedule; prompt and embedding baselines are not schedules
     cfg = compose_config(["experiment=tiny_grid"], hydra=True)
     assert cfg.scenario.name == "tiny" and "dtp" in cfg.hydra.sweeper.params.mitigation
@@ -81,10 +81,10 @@ def test_config_dir_ships_with_the_package() -> None:
 
 
 def test_metrics_options_compose() -> None:
-    assert options("metrics") == ["none", "paper", "pixel", "sscd", "tiny"]
+    assert options("metrics") == ["detection", "none", "paper", "pixel", "sscd", "tiny"]
     for option in options("metrics"):  # every option sets every stage key (null where it has no such metric)
         metrics = compose_config([f"metrics={option}"]).metrics
-        assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid"}
+        assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid", "detection"}
     embedder = instantiate(compose_config(["metrics=pixel", "metrics.similarity.pool=4"]).metrics.similarity)
     assert embedder.name == "pixel(size=32,pool=4)"
     cfg = compose_config(["metrics=paper", "device=cpu"])

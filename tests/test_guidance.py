@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memguard.guidance import (
-    Constant, DynamicTransition, Interval, StaticTransition, dtp_switch_step, transition_step,
+    Auto, Constant, DynamicTransition, Interval, StaticTransition, detection_score, dtp_switch_step, transition_step,
 )
 
 
@@ -81,3 +81,43 @@ def test_timestep_range_is_checked() -> None:
         StaticTransition(1000, 7.5).check_timesteps(1000)
     with pytest.raises(ValueError, match="t_lo=-1.0"):
         Interval(700, -1, 7.5).check_timesteps(1000)
+
+
+def test_detection_score_is_the_mean_norm_of_the_first_steps() -> None:
+    d = torch.tensor([[4.0, 16.0, 100.0], [9.0, 1.0, 0.0]])
+    assert detection_score(d).tolist() == [2.0, 3.0]
+    assert detection_score(d, 2).tolist() == [3.0, 2.0]
+
+
+def test_auto_decides_per_sample_at_detect_step_then_follows_inner_or_cfg() -> None:
+    # sample 0: memorized (large first-step norm), with a local minimum of d at step 3; sample 1: not memorized
+    d = torch.tensor([[100.0, 90.0, 40.0, 30.0, 50.0, 60.0], [1.0, 2.0, 1.0, 3.0, 4.0, 5.0]])
+    inner = DynamicTransition(scale=7.5, opposite=7.5)
+    scales = run_schedule(Auto(inner, scale=7.5, threshold=5.0), d, list(range(6)))
+    assert scales[0].tolist() == [-7.5] * 4 + [7.5] * 2  # og_dtp from the first step: switch one after the minimum
+    assert scales[1].tolist() == [7.5] * 6  # plain CFG, although its d has a local minimum
+    assert Auto(inner, 7.5, threshold=5.0).decisions(d) == ["mitigated", "cfg"]
+    # detect at step 2 on the mean norm of steps 0..2: CFG until then; sample 1 (mean 1.14) stays under 5
+    late = run_schedule(Auto(inner, scale=7.5, threshold=5.0, detect_step=2), d, list(range(6)))
+    assert late[0].tolist() == [7.5, 7.5, -7.5, -7.5, 7.5, 7.5] and late[1].tolist() == [7.5] * 6
+    assert Auto(inner, 7.5, threshold=5.0, detect_step=2).decisions(d[:, :2]) == [None, None]
+    # a threshold above every score: CFG for all, i.e. mitigation=none
+    assert run_schedule(Auto(inner, 7.5, threshold=1e9), d, list(range(6))).eq(7.5).all()
+
+
+def test_auto_is_stateless_between_batches() -> None:
+    schedule = Auto(StaticTransition(tau=2, scale=7.5), scale=7.5, threshold=5.0)
+    first = run_schedule(schedule, torch.tensor([[100.0, 1.0, 1.0, 1.0]]), [3.0, 2.0, 1.0, 0.0])
+    second = run_schedule(schedule, torch.tensor([[1.0, 1.0, 1.0, 1.0]]), [3.0, 2.0, 1.0, 0.0])
+    assert first.tolist() == [[0.0, 7.5, 7.5, 7.5]] and second.tolist() == [[7.5] * 4]
+
+
+def test_auto_without_threshold_or_calibration_names_the_key(tmp_path) -> None:
+    from memguard.errors import UserError
+
+    with pytest.raises(UserError, match="mitigation.auto.threshold is not set .* memguard calibrate"):
+        Auto(Constant(7.5), 7.5, threshold=None, calibration=str(tmp_path / "none.json"))
+    (tmp_path / "c.json").write_text('{"threshold": 2.5, "detect_step": 0}')
+    assert Auto(Constant(7.5), 7.5, threshold=None, calibration=str(tmp_path / "c.json")).threshold == 2.5
+    with pytest.raises(UserError, match="detect_step=0, not mitigation.auto.detect_step=3"):
+        Auto(Constant(7.5), 7.5, threshold=None, detect_step=3, calibration=str(tmp_path / "c.json"))

@@ -30,12 +30,15 @@ def test_run_writes_the_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     metrics = run(config(tiny_model_dir, tmp_path, "mitigation=og_dtp"))
     images = sorted(p.name for p in (tmp_path / "images").glob("*.png"))
     assert images == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png"]
-    for name in ("config.yaml", "trajectories.csv", "generations.csv", "metrics.json", "grid.png", "d_curves.png"):
+    for name in ("config.yaml", "trajectories.csv", "generations.csv", "metrics.json", "grid.png", "d_curves.png",
+                 "norms.png", "report.html"):
         assert (tmp_path / name).is_file(), name
 
     traj = pd.read_csv(tmp_path / "trajectories.csv")
-    assert list(traj.columns) == ["prompt_idx", "seed", "step", "timestep", "d", "scale"]
+    assert list(traj.columns) == ["prompt_idx", "seed", "step", "timestep", "d", "scale", "norm_c", "norm_u"]
     assert len(traj) == 4 * 6 and traj.step.max() == 5 and (traj.d > 0).all()
+    # ||eps_c - eps_u|| <= ||eps_c|| + ||eps_u||, and the norms are the model's, not the difference
+    assert (traj.d ** 0.5 <= traj.norm_c + traj.norm_u + 1e-4).all() and (traj.norm_c > 0).all()
     gens = pd.read_csv(tmp_path / "generations.csv")
     assert list(gens.columns) == ["prompt_idx", "prompt", "group", "reference_key", "seed", "file", "model_prompt",
                                   "transition_step", "transition_timestep"]

@@ -60,6 +60,8 @@ def test_trajectory_records_d_and_scale(tiny_components: Components) -> None:
     for step in seen:
         expected = (step["eps_c"] - step["eps_u"]).flatten(1).pow(2).sum(1)
         torch.testing.assert_close(step["d"], expected)
+        torch.testing.assert_close(traj.norm_c[:, step["step"]], step["eps_c"].flatten(1).norm(dim=1))
+        torch.testing.assert_close(traj.norm_u[:, step["step"]], step["eps_u"].flatten(1).norm(dim=1))
     assert torch.all(traj.d > 0) and torch.all(traj.scale == 0)
     assert traj.timesteps == [float(t) for t in scheduler.timesteps]
 
@@ -68,9 +70,12 @@ def test_d_is_in_eps_units_for_v_prediction_models(tiny_components) -> None:
     scheduler = diffusers.DDIMScheduler.from_config(tiny_components.scheduler.config, prediction_type="v_prediction")
     cond = encode_prompts(tiny_components, ["a red circle"])
     seen = []
-    sample(tiny_components.unet, scheduler, cond, encode_prompts(tiny_components, [""]), initial_noise([0], (4, 16, 16)),
-           Constant(7.5), 3, seen.append)
+    traj = sample(tiny_components.unet, scheduler, cond, encode_prompts(tiny_components, [""]),
+                  initial_noise([0], (4, 16, 16)), Constant(7.5), 3, seen.append)
     for step in seen:
         raw = (step["eps_c"] - step["eps_u"]).pow(2).sum().item()
         abar = float(scheduler.alphas_cumprod[int(step["timestep"])])
         assert step["d"].item() == pytest.approx(abar * raw, rel=1e-5)  # eps_c - eps_u = sqrt(abar) (v_c - v_u)
+        # eps from v as diffusers' DDIM converts it: eps = sqrt(abar) v + sqrt(1 - abar) x_t
+        eps_c = abar ** 0.5 * step["eps_c"] + (1 - abar) ** 0.5 * step["x"]
+        assert traj.norm_c[0, step["step"]].item() == pytest.approx(eps_c.norm().item(), rel=1e-5)

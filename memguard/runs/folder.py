@@ -38,6 +38,9 @@ class Record:
     scale: list[float]
     model_prompt: str | None = None  # what the model was given, where a prompt baseline changed the prompt
     baseline: dict[str, Any] | None = None  # what an embedding adjustment did (e.g. wen_iterations)
+    norm_c: list[float] | None = None  # ||eps_c||_2 per step (None in folders made before it was recorded)
+    norm_u: list[float] | None = None  # ||eps_u||_2 per step
+    decision: str | None = None  # what a deciding schedule (mitigation=auto) chose for this image
 
     @property
     def file(self) -> str:

@@ -1,14 +1,14 @@
 """What a run writes beside its images: ``trajectories.csv``, ``generations.csv``, ``grid.png``,
-``d_curves.png`` and the summaries that go into ``metrics.json``."""
+``d_curves.png``, ``norms.png``, ``report.html`` and the summaries that go into ``metrics.json``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from memguard.runs.folder import Record, image_name
+from memguard.runs.folder import Record
+from memguard.runs.plots import plot_norms
+from memguard.runs.report import write_grid, write_report
 from memguard.runs.prompts import Prompts
 
 
@@ -41,13 +41,14 @@ def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None
     import pandas as pd
 
     pd.DataFrame([
-        {"prompt_idx": r.prompt_idx, "seed": r.seed, "step": k, "timestep": t, "d": d, "scale": s}
+        {"prompt_idx": r.prompt_idx, "seed": r.seed, "step": k, "timestep": t, "d": d, "scale": s,
+         "norm_c": r.norm_c[k] if r.norm_c else None, "norm_u": r.norm_u[k] if r.norm_u else None}
         for r in records for k, (t, d, s) in enumerate(zip(r.timesteps, r.d, r.scale))
     ]).to_csv(run_dir / "trajectories.csv", index=False)
     pd.DataFrame([
         {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": prompts.groups[r.prompt_idx],
          "reference_key": prompts.reference_keys[r.prompt_idx], "seed": r.seed, "file": f"images/{r.file}",
-         "model_prompt": r.model_prompt, **(r.baseline or {}),
+         "model_prompt": r.model_prompt, **(r.baseline or {}), **({"decision": r.decision} if r.decision else {}),
          "transition_step": r.transition_step,
          "transition_timestep": None if r.transition_step is None else r.timesteps[r.transition_step]}
         for r in records
@@ -55,24 +56,14 @@ def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None
 
 
 def write_figures(run_dir: Path, records: list[Record], seeds: list[int], max_rows: int = 8, max_cols: int = 8) -> None:
-    """``grid.png`` (rows: prompts, columns: seeds) and ``d_curves.png`` (d_t and s per step, every image)."""
+    """``grid.png`` (rows: prompts, columns: seeds), ``d_curves.png`` (d_t and s per step, every image),
+    ``norms.png`` (where the norms were recorded) and ``report.html``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_key = {(r.prompt_idx, r.seed): r for r in records}
-    rows = sorted({r.prompt_idx for r in records})[:max_rows]
-    cols = seeds[:max_cols]
-    tiles = [[Image.open(run_dir / "images" / image_name(i, s)).convert("RGB") for s in cols if (i, s) in by_key]
-             for i in rows]
-    side = max(64, max(t.width for row in tiles for t in row))
-    grid = Image.new("RGB", (side * len(cols), side * len(rows)), "white")
-    for y, row in enumerate(tiles):
-        for x, tile in enumerate(row):
-            grid.paste(tile.resize((side, side), Image.NEAREST), (x * side, y * side))
-    grid.save(run_dir / "grid.png")
-
+    write_grid(run_dir, max_rows, max_cols)  # from generations.csv, written first by write_tables
     fig, (ax_d, ax_s) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
     for r in records:
         ax_d.plot(r.d, color=f"C{r.prompt_idx % 10}", alpha=0.4, lw=0.8)
@@ -87,3 +78,6 @@ def write_figures(run_dir: Path, records: list[Record], seeds: list[int], max_ro
     fig.tight_layout()
     fig.savefig(run_dir / "d_curves.png", dpi=100)
     plt.close(fig)
+    if all(r.norm_c for r in records):
+        plot_norms([run_dir])
+    write_report(run_dir)

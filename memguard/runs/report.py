@@ -1,0 +1,162 @@
+"""Figures people look at: the labelled ``grid.png`` and ``report.html`` of a run folder, and one HTML page per
+table of ``memguard tables``.
+
+Every link in a page is relative (``images/...``, ``grid.png``, ``../runs/...``), so a folder can be copied or
+served as it is. The grid's rows are prompts (index, group and text at the left), its first column the nearest
+reference image of the row's images (where the similarity stage ran and the references are still there), its
+other columns seeds; an image scored a copy is outlined in red.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+from omegaconf import OmegaConf
+
+# Figures of a run folder, in the order the report shows them: file, caption.
+FIGURES = (
+    ("grid.png", "Generations: rows are prompts, columns seeds; first column the nearest reference image; "
+                 "red outline: a copy"),
+    ("d_curves.png", "d_t = ||eps_c - eps_u||^2 and the guidance scale s per step, every image; |: transition"),
+    ("norms.png", "Mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per timestep and group (the paper's Figures 3, 9, 10, 12)"),
+    ("roc.png", "Memorization detection from the trajectory: ROC curves"),
+    ("basin.png", "Attraction basin strips"),
+)
+
+
+def copy_threshold(metrics: dict[str, Any]) -> float | None:
+    sim = metrics.get("similarity") or {}
+    return sim.get("copy_threshold") if sim.get("copy_threshold") is not None else sim.get("threshold")
+
+
+def _reference_root(run_dir: Path) -> Path | None:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    references = OmegaConf.load(config).get("references")
+    return Path(str(references)).expanduser() if references else None
+
+
+def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
+    """``grid.png`` from ``generations.csv`` (and ``metrics.json``'s copy threshold when evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    gens = pd.read_csv(run_dir / "generations.csv")
+    metrics_file = run_dir / "metrics.json"
+    threshold = copy_threshold(json.loads(metrics_file.read_text())) if metrics_file.is_file() else None
+    root = _reference_root(run_dir)
+    prompts = list(dict.fromkeys(gens.prompt_idx))[:max_rows]
+    seeds = list(dict.fromkeys(gens.seed))[:max_cols]
+    with_reference = "nearest_reference" in gens and root is not None and root.is_dir()
+    cols = len(seeds) + with_reference
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(0.9 * cols + 3.2, 0.9 * len(prompts) + 0.3), squeeze=False)
+    for r, idx in enumerate(prompts):
+        rows = gens[gens.prompt_idx == idx].set_index("seed")
+        first = rows.iloc[0]
+        group = "" if pd.isna(first.get("group")) else f" [{first['group']}]"
+        text = str(first.prompt)
+        axes[r][0].set_ylabel(f"#{idx}{group}\n{text[:38] + '…' if len(text) > 39 else text}", rotation=0,
+                              ha="right", va="center", fontsize=7)
+        if with_reference:
+            nearest = rows.loc[rows.similarity.idxmax(), "nearest_reference"] if "similarity" in rows else None
+            path = root / str(nearest) if nearest is not None else None
+            if path is not None and path.is_file():
+                axes[r][0].imshow(Image.open(path).convert("RGB"), interpolation="nearest")
+            if r == 0:
+                axes[r][0].set_title("nearest\nreference", fontsize=7)
+        for c, seed in enumerate(seeds, start=int(with_reference)):
+            ax = axes[r][c]
+            if seed in rows.index:
+                ax.imshow(Image.open(run_dir / rows.loc[seed, "file"]).convert("RGB"), interpolation="nearest")
+                is_copy = threshold is not None and "similarity" in rows and rows.loc[seed, "similarity"] > threshold
+                if is_copy:
+                    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, ec="red", lw=3))
+            if r == 0:
+                ax.set_title(f"seed {seed}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.1)
+    path = run_dir / "grid.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _metrics_rows(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [row for k, v in value.items() for row in _metrics_rows(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), value)]
+
+
+def _page(title: str, body: str) -> str:
+    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left} img.thumb{width:48px;image-rendering:pixelated}"
+             "figure{margin:1em 0} figcaption{font-size:13px;color:#444}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def _table(frame: pd.DataFrame, image_columns: dict[str, str] | None = None) -> str:
+    """An HTML table; ``image_columns`` maps a column to a relative path prefix: its cells become thumbnails."""
+    image_columns = image_columns or {}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            if pd.isna(value) if not isinstance(value, (list, dict)) else False:
+                cells.append("<td></td>")
+            elif column in image_columns:
+                src = html.escape(image_columns[column] + str(value))
+                cells.append(f"<td><a href='{src}'><img class='thumb' src='{src}' alt='{src}'></a></td>")
+            else:
+                cells.append(f"<td>{html.escape(str(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>\n" + "\n".join(body) + "</table>"
+
+
+def write_report(run_dir: Path) -> Path:
+    """``report.html`` of a run folder: its metrics, figures (those present) and the per-image table."""
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    parts = ["<h2>Metrics</h2>", _table(pd.DataFrame(_metrics_rows(metrics), columns=["key", "value"]))]
+    parts.append("<h2>Figures</h2>")
+    for name, caption in FIGURES:
+        if (run_dir / name).is_file():
+            parts.append(f"<figure><a href='{name}'><img src='{name}' alt='{name}'></a>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    gens_file = run_dir / "generations.csv"
+    if gens_file.is_file():
+        gens = pd.read_csv(gens_file)
+        gens.insert(0, "image", gens.file)
+        parts += ["<h2>Images</h2>", _table(gens, {"image": ""})]
+    title = f"memguard run {metrics.get('scenario', '')}/{metrics.get('mitigation', run_dir.name)}"
+    path = run_dir / "report.html"
+    path.write_text(_page(title, "\n".join(parts)), encoding="utf-8")
+    return path
+
+
+def write_table_report(tables_dir: Path, name: str, title: str, frame: pd.DataFrame) -> Path:
+    """``tables/<name>.html``: the table, then each run's grid linked to its own report (``../runs/<run>/``)."""
+    parts = [_table(frame)]
+    runs = frame["run"].tolist() if "run" in frame else [f"tiny/{m}" for m in dict.fromkeys(frame.get("Mitigation", []))]
+    for run in dict.fromkeys(runs):
+        folder = tables_dir.parent / "runs" / run
+        if (folder / "grid.png").is_file():
+            parts.append(f"<figure><a href='../runs/{run}/report.html'><img src='../runs/{run}/grid.png' alt='{run}'></a>"
+                         f"<figcaption>{html.escape(run)}</figcaption></figure>")
+    path = tables_dir / f"{name}.html"
+    path.write_text(_page(title, "\n".join(parts)), encoding="utf-8")
+    return path

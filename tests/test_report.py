@@ -1,0 +1,107 @@
+"""report.html of a run folder and of `memguard tables`: relative links only, every image loads in a browser;
+the labelled grid; `memguard plot`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from memguard.evaluate import evaluate
+from memguard.runner import run
+from memguard.runs.plots import plot_norms
+from memguard.tables import write_tables
+from tests.test_cli import memguard
+from tests.test_evaluate import make_references
+from tests.test_run import config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = [...document.images].map(i => i.getAttribute("src") + " " + i.naturalWidth).join("\\n");
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+def image_widths(page: Path) -> dict[str, int]:
+    """Open ``page`` in headless Chromium (a copy beside it with a script that writes each image's naturalWidth
+    into the DOM) and return {src: naturalWidth}; 0 means the image did not load."""
+    probe = page.with_name(f"_probe_{page.name}")
+    probe.write_text(page.read_text().replace("</body>", CHECK))
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"no image report in Chromium's DOM: {result.stderr[-2000:]}"
+    return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in found.group(1).splitlines() if line}
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    run_dir = root / "outputs" / "runs" / "custom" / "none"
+    run(config(tiny_model_dir, run_dir))
+    make_references(run_dir, root / "refs")
+    evaluate(config(tiny_model_dir, run_dir, "metrics=pixel", f"references={root / 'refs'}",
+                    f"paths.cache_dir={root / 'cache'}"))
+    return run_dir
+
+
+def test_report_links_are_relative_and_name_every_image(evaluated_run: Path) -> None:
+    page = (evaluated_run / "report.html").read_text()
+    sources = re.findall(r"(?:src|href)='([^']+)'", page)
+    assert sources and not [s for s in sources if s.startswith(("/", "file:", "http"))]
+    for name in ("grid.png", "d_curves.png", "norms.png", "images/00000_0.png", "images/00001_1.png"):
+        assert f"src='{name}'" in page, name
+    assert "similarity.p95" in page  # the metrics are on the page
+
+
+def test_grid_has_a_reference_column(evaluated_run: Path) -> None:
+    grid = Image.open(evaluated_run / "grid.png")
+    assert grid.width > grid.height  # 2 prompts x (reference + 2 seeds), labels at the left
+    rgb = np.asarray(grid.convert("RGB")).astype(int)
+    reds = int(((rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)).sum())
+    assert reds > 50  # two images are exact copies of references: outlined
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: .ci/run)")
+def test_every_image_of_the_reports_loads_in_chromium(evaluated_run: Path) -> None:
+    widths = image_widths(evaluated_run / "report.html")
+    assert len(widths) == 3 + 4 and all(w > 0 for w in widths.values()), widths  # 3 figures, 4 thumbnails
+    moved = evaluated_run.parent.parent.parent / "copied"  # a copied folder still works
+    shutil.copytree(evaluated_run, moved / "runs" / "tiny" / "none")
+    widths = image_widths(moved / "runs" / "tiny" / "none" / "report.html")
+    assert widths and all(w > 0 for w in widths.values()), widths
+    write_tables(moved)
+    widths = image_widths(moved / "tables" / "tiny.html")
+    assert list(widths) == ["../runs/tiny/none/grid.png"] and all(w > 0 for w in widths.values()), widths
+    (moved / "runs" / "tiny" / "none" / "grid.png").unlink()  # the check can fail: a missing image reads 0
+    page = moved / "runs" / "tiny" / "none" / "report.html"
+    page.write_text(page.read_text().replace("src='d_curves.png'", "src='d_curves_missing.png'"))
+    assert image_widths(page)["d_curves_missing.png"] == 0
+
+
+def test_plot_draws_norms_and_refuses_folders_without_them(evaluated_run: Path, tmp_path: Path) -> None:
+    out = plot_norms([evaluated_run, evaluated_run], tmp_path / "two.png")
+    assert Image.open(out).width > Image.open(evaluated_run / "norms.png").width
+    old = tmp_path / "old"
+    shutil.copytree(evaluated_run, old)
+    traj = (old / "trajectories.csv").read_text().splitlines()
+    (old / "trajectories.csv").write_text("\n".join(",".join(line.split(",")[:6]) for line in traj) + "\n")
+    result = memguard("plot", f"run_dir={old}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "has no recorded norm_c/norm_u" in result.stderr and "re-run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
