@@ -54,6 +54,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def error(self) -> UserError:
+        if len(self.problems) == 1:  # one problem: one line, as every other user error
+            return UserError(self.problems[0])
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return UserError(f"{len(self.problems)} input(s) missing or wrong (nothing was generated):\n{lines}")
 
