@@ -54,6 +54,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def error(self) -> UserError:
+        if len(self.problems) == 1:  # one problem: one line, as every other user error
+            return UserError(self.problems[0])
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return UserError(f"{len(self.problems)} input(s) missing or wrong (nothing was generated):\n{lines}")
 
@@ -99,15 +101,15 @@ def archive_problem(path: Path) -> str | None:
 
 def check_model(cfg: DictConfig, report: Report) -> Path | None:
     """``model.path`` and each component's files; the folder if it is usable."""
-    from memguard.components import FOLDER_HELP, _pixel_space
+    from memguard.components import FOLDER_HELP, _pixel_space, check_model_folder
 
     if OmegaConf.is_missing(cfg.model, "path"):
         report.problems.append(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
         return None
-    folder = Path(cfg.model.path).expanduser()
-    if not folder.is_dir():
-        report.problems.append(f"model.path={str(cfg.model.path)!r}: no such folder{source(cfg, 'model')}; "
-                               f"{FOLDER_HELP}")
+    try:
+        folder = check_model_folder(cfg.model.path)  # the folder and its subfolders, as the loader words it
+    except UserError as err:
+        report.problems.append(f"{err}{source(cfg, 'model')}")
         return None
     wrong = []
     if not (folder / "model_index.json").is_file():
@@ -117,8 +119,7 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
             continue
         sub = folder / component
         if not sub.is_dir():
-            wrong.append(f"{component}/ is missing")
-            continue
+            continue  # check_model_folder has said so
         if not (sub / config).is_file():
             wrong.append(f"{component}/{config} is missing")
         if weights:

@@ -14,7 +14,7 @@ from tests.rehearsal import write_metric_weights, write_webster500
 from tests.test_cli import memguard
 from tests.test_configs import compose_config
 
-EMPTY_MACHINE = ["model.path='models/stable-diffusion-v1-4'", "prompts_file='data/webster500/sdv1_500_memorized.jsonl'",
+EMPTY_MACHINE = ["model.path='models/stable-diffusion-v1-4' is not a folder", "prompts_file='data/webster500/sdv1_500_memorized.jsonl'",
                  "references='data/webster500/gt_images'", "metrics.similarity.path='weights/sscd_disc_large",
                  "metrics.alignment.path='weights/ViT-g-14.bin'",
                  "metrics.fid.path='weights/weights-inception-2015-12-05-6726825d.pth'"]
@@ -68,7 +68,7 @@ def test_check_passes_on_good_inputs_and_warns(tiny_model_dir: Path, tmp_path: P
     assert "11/0.png, 23/2.png" in text and "skip_unreadable=true" in text  # all unreadable files, one line
     assert "have no images in their own subfolder (37" in text
     assert "metrics.alignment.path=" in text and "cannot be opened" in text
-    assert "model.path=" in text and "unet/ is missing" in text
+    assert "model.path=" in text and "lacks unet/" in text
     assert len(report.problems) == 4, text  # the unreadable files are one line
 
 
