@@ -30,12 +30,16 @@ class RandomTokens(PromptTransform):
     uniformly random word position of the prompt (split on spaces).
 
     ``kind="word"``: a random CLIP token (id uniform in [0, 49400), decoded by the tokenizer);
-    ``kind="number"``: a random integer in [0, 100000). Their DCR code inserts 2 (``count``'s default; Wen et
-    al.'s reproduction uses 4). The draws are deterministic per (prompt, image seed, ``salt``), so a run
+    ``kind="number"``: a random integer in [0, 100000). At inference the reference code inserts 4
+    (``count``'s default): somepago/DCR ``sd_mitigation.py`` line 126 (``--rand_aug_repeats`` default 4),
+    SonyResearch/mitigating_memorization ``generate_test_dataset_stp.py`` line 204 (``repeat_num=4``) and
+    YuxinWenRick/diffusion_memorization ``README.md`` line 67 (``--repeat_num 4``). The 2 found in
+    ``prompt_augmentation``'s signature (DCR ``sd_mitigation.py`` line 14) is the training-time augmentation's
+    default. The draws are deterministic per (prompt, image seed, ``salt``), so a run
     resumes identically and does not depend on batch size.
     """
 
-    def __init__(self, kind: str, count: int = 2, salt: int = 0) -> None:
+    def __init__(self, kind: str, count: int = 4, salt: int = 0) -> None:
         if kind not in ("word", "number"):
             raise ValueError(f"kind={kind!r} must be word or number")
         if count < 1:

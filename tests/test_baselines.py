@@ -127,3 +127,14 @@ def test_ren_run_and_generate_restore_the_processors(tiny_components, tiny_model
     assert {k: type(v) for k, v in tiny_components.unet.attn_processors.items()} == before
     run(config(tiny_model_dir, tmp_path / "ren", "mitigation=ren"))
     assert json.loads((tmp_path / "ren" / "metrics.json").read_text())["mitigation"] == "ren"
+
+
+@pytest.mark.parametrize("name", ["rand_word", "rand_numb"])
+def test_random_token_baselines_insert_four_items_by_default_as_at_inference_in_the_reference_code(name: str) -> None:
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parent.parent / "conf" / "mitigation" / f"{name}.yaml")
+    assert conf.prompt.count == 4
+    assert RandomTokens("number").count == 4
+    extra = [w for w in RandomTokens("number")("a b c", 3, clip_tokenizer()).split(" ") if w.isdigit()]
+    assert len(extra) == 4
