@@ -103,19 +103,27 @@ class WenEmbeddingOptimization:
 
 
 class RenAttention:
-    """Ren et al. (ECCV 2024): in the conditional branch's cross-attention only, scale the pre-softmax logits of
-    the first (start) token by ``c1`` and mask the tokens after the prompt's end token:
+    """Ren et al. (ECCV 2024): in the cross-attention, scale the conditional branch's pre-softmax logits of the
+    first (start) token by ``c1`` and mask the tokens after the prompt's end token:
 
-        s[:, 0] <- c1 * s[:, 0],      s[:, j] <- -inf  for j > position of <|endoftext|>
+        s_cond[:, 0] <- c1 * s_cond[:, 0],      s[:, j] <- -inf  for j > position of <|endoftext|>
 
     so attention drawn by trigger tokens is diluted and the padding tokens (which carry the prompt's summary)
     are ignored. Installed on every cross-attention (``attn2``) module of the UNet for one batch, then removed.
+
+    ``mask_branches="both"`` (default) masks both halves of the guidance batch with the conditional prompt's
+    length, as renjie3/MemAttn does: ``refactored_classes/refactored_attention_processor.py`` lines 1247-1257
+    build one mask of ``prompt_length`` (start through end token, ``MemAttn.py`` line 138) repeated over the
+    batch (``repeat(2, ...)``) and applied to every row (line 1190), while ``c1`` scales only the conditional
+    rows (``attn_weight[1::2]``, line 1198). ``"conditional"`` masks the conditional half only.
     """
 
-    def __init__(self, c1: float = 1.25, mask_trailing: bool = True) -> None:
+    def __init__(self, c1: float = 1.25, mask_trailing: bool = True, mask_branches: str = "both") -> None:
         if c1 <= 0:
             raise ValueError(f"c1={c1} must be > 0")
-        self.c1, self.mask_trailing = c1, mask_trailing
+        if mask_branches not in ("both", "conditional"):
+            raise ValueError(f"mask_branches={mask_branches!r} must be both or conditional")
+        self.c1, self.mask_trailing, self.mask_branches = c1, mask_trailing, mask_branches
 
     @contextmanager
     def installed(self, unet: torch.nn.Module, lengths: Tensor, sequence: int) -> Iterator[None]:
@@ -123,7 +131,8 @@ class RenAttention:
         ``lengths``: each prompt's token count through its end token, ``sequence``: the padded length."""
         original = unet.attn_processors
         keep = self.keep_mask(lengths, sequence)
-        unet.set_attn_processor({name: _RenProcessor(self.c1, keep) if ".attn2." in name else proc
+        unet.set_attn_processor({name: _RenProcessor(self.c1, keep, self.mask_branches == "both")
+                                 if ".attn2." in name else proc
                                  for name, proc in original.items()})
         try:
             yield
@@ -137,11 +146,11 @@ class RenAttention:
 
 
 class _RenProcessor:
-    """diffusers' plain attention, with :class:`RenAttention`'s logit edit on the conditional half of the batch
-    (the sampler's batches are ``[unconditional, conditional]``)."""
+    """diffusers' plain attention, with :class:`RenAttention`'s logit edit: ``c1`` on the conditional half of the
+    batch (the sampler's batches are ``[unconditional, conditional]``), the mask on that half or on both."""
 
-    def __init__(self, c1: float, keep: Tensor) -> None:
-        self.c1, self.keep = c1, keep
+    def __init__(self, c1: float, keep: Tensor, both: bool = False) -> None:
+        self.c1, self.keep, self.both = c1, keep, both
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
@@ -155,7 +164,10 @@ class _RenProcessor:
         logits = (query.float() @ key.float().transpose(1, 2) * attn.scale).view(batch, heads, query.shape[1], -1)
         cond = slice(batch // 2, batch)
         logits[cond, ..., 0] *= self.c1
-        logits[cond] = logits[cond].masked_fill(~self.keep[:, None, None, :], float("-inf"))
+        if self.both:
+            logits = logits.masked_fill(~self.keep.repeat(2, 1)[:, None, None, :], float("-inf"))
+        else:
+            logits[cond] = logits[cond].masked_fill(~self.keep[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1).view(batch * heads, query.shape[1], -1).to(value.dtype)
         out = attn.batch_to_head_dim(probs @ value)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor

@@ -10,6 +10,7 @@ import pytest
 
 import torch
 
+from torch import Tensor
 from memguard.baselines import RandomTokens, RenAttention
 from memguard.components import clip_tokenizer
 from memguard.runner import run
@@ -111,10 +112,48 @@ def test_ren_changes_the_conditional_attention_only(tiny_components) -> None:
     plain = _step0(tiny_components, None)
     identity = _step0(tiny_components, RenAttention(c1=1.0, mask_trailing=False))
     assert torch.allclose(identity["eps_c"], plain["eps_c"], atol=1e-5)  # the processor itself is exact
-    ren = _step0(tiny_components, RenAttention())
+    ren = _step0(tiny_components, RenAttention(mask_branches="conditional"))
     assert torch.allclose(ren["eps_u"], plain["eps_u"], atol=1e-6)  # unconditional branch untouched
     assert (ren["eps_c"] - plain["eps_c"]).abs().max() > 1e-3
     assert RenAttention().keep_mask(torch.tensor([3, 5]), 6).tolist() == [[True] * 3 + [False] * 3, [True] * 5 + [False]]
+
+
+def _ren_reference(attn, hidden: Tensor, context: Tensor, prompt_lengths: list[int], c1: float) -> Tensor:
+    """Ren et al.'s edit written from their description and MemAttn's processor: per (half, prompt) row, logits
+    q k^T / sqrt(d); positions at or after the conditional prompt's length set to -inf in every row; the start
+    token's logit times c1 in the conditional rows; softmax; times v; output projection."""
+    rows, heads = [], attn.heads
+    half = hidden.shape[0] // 2
+    for i in range(hidden.shape[0]):
+        q = attn.to_q(hidden[i]).view(hidden.shape[1], heads, -1).transpose(0, 1)
+        k = attn.to_k(context[i]).view(context.shape[1], heads, -1).transpose(0, 1)
+        v = attn.to_v(context[i]).view(context.shape[1], heads, -1).transpose(0, 1)
+        s = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        s[..., prompt_lengths[i % half]:] = float("-inf")
+        if i >= half:
+            s[..., 0] = s[..., 0] * c1
+        rows.append((s.softmax(-1) @ v).transpose(0, 1).reshape(hidden.shape[1], -1))
+    return attn.to_out[0](torch.stack(rows))
+
+
+def test_ren_masks_both_branches_like_a_reference_written_from_the_description(tiny_components) -> None:
+    unet = tiny_components.unet
+    name = next(n for n in unet.attn_processors if ".attn2." in n)
+    attn = unet.get_submodule(name.removesuffix(".processor"))
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 6, attn.to_q.in_features, generator=generator)
+    context = torch.randn(4, 77, attn.to_k.in_features, generator=generator)
+    lengths = [3, 5]
+    with torch.no_grad():
+        with RenAttention(c1=1.25).installed(unet, torch.tensor(lengths), 77):
+            ours = attn(hidden, encoder_hidden_states=context)
+        want = _ren_reference(attn, hidden, context, lengths, 1.25)
+    assert torch.allclose(ours, want, atol=1e-5)
+    plain = _step0(tiny_components, None)
+    both = _step0(tiny_components, RenAttention())
+    assert (both["eps_u"] - plain["eps_u"]).abs().max() > 1e-4  # the unconditional branch is masked too
+    with pytest.raises(ValueError, match="mask_branches='uncond' must be both or conditional"):
+        RenAttention(mask_branches="uncond")
 
 
 def test_ren_run_and_generate_restore_the_processors(tiny_components, tiny_model_dir: Path, tmp_path: Path) -> None:
