@@ -9,7 +9,7 @@ changes the prompt's text embedding before sampling and reports per image what i
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -73,7 +73,7 @@ class WenEmbeddingOptimization:
         self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
 
     def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor,
-                 uncond: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                 uncond: Tensor, **_: object) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             eps_u = unet(x_in, t, encoder_hidden_states=uncond).sample
         embedding = cond.detach().clone().requires_grad_(True)
@@ -99,6 +99,76 @@ class WenEmbeddingOptimization:
             iterations += active
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
                 "wen_reached_target": final <= self.l_target}
+        return embedding.detach(), info
+
+
+class WenSharedEmbedding:
+    """Wen et al. (ICLR 2024) as their code runs it: ONE text embedding per prompt, shared by the prompt's whole
+    image set (all the run's seeds), optimised with AdamW (``lr``) on one L2 norm over the set,
+
+        L(e_p) = || stack_i [eps(x_T^i, T, e_p) - eps(x_T^i, T, e_empty)] ||_2,
+
+    stopping (the whole set together) once L <= ``l_target`` or after ``max_iters`` steps; the start token's
+    gradient is zeroed. YuxinWenRick/diffusion_memorization ``local_sd_pipeline.py``: one embedding repeated
+    over ``num_images_per_prompt`` (lines 556 and 598-603), ``torch.norm(noise_pred_text, p=2)`` over the
+    stacked set (line 618), the check before each step (lines 635-639), ``grad[:, [0]] * 0`` (lines 644-646).
+    As there, AdamW's decoupled weight decay (its default 0.01) still acts on the start token.
+
+    The set's initial latents are drawn again from ``seeds`` (every seed of the run; the runner sets them), so
+    the embedding does not depend on which batch an image lands in; it is computed once per prompt and cached.
+    Returns, per image, its set's iterations, first and final L and whether the target was reached.
+    """
+
+    def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
+        if l_target <= 0 or lr <= 0 or max_iters < 0:
+            raise ValueError(f"l_target={l_target}, lr={lr} must be > 0 and max_iters={max_iters} >= 0")
+        self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
+        self.seeds: list[int] | None = None
+        self._cache: dict[tuple, tuple[Tensor, dict[str, float]]] = {}
+
+    def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor, uncond: Tensor,
+                 prompts: Sequence[str] = (), seeds: Sequence[int] = (),
+                 model_input: Callable[[Sequence[int]], Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``model_input(seeds)``: the first step's scaled model input for those seeds (as ``x_in`` is drawn)."""
+        if model_input is None or len(prompts) != len(cond):
+            raise ValueError("WenSharedEmbedding needs the batch's prompts and a model_input(seeds) function")
+        image_set = list(self.seeds if self.seeds is not None else seeds)
+        rows, infos = [], []
+        for i, prompt in enumerate(prompts):
+            key = (prompt, tuple(image_set), float(t), tuple(x_in.shape[1:]))
+            if key not in self._cache:
+                self._cache[key] = self.optimise(unet, model_input(image_set), t, cond[i : i + 1], uncond[i : i + 1])
+            rows.append(self._cache[key][0])
+            infos.append(self._cache[key][1])
+        info = {k: torch.tensor([row[k] for row in infos], device=cond.device) for k in infos[0]}
+        return torch.cat(rows).to(cond.dtype), info
+
+    def optimise(self, unet: torch.nn.Module, x_set: Tensor, t: Tensor, cond: Tensor,
+                 uncond: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """One prompt's shared embedding ``(1, L, D)`` for the set's model inputs ``x_set`` ``(N, C, h, w)``."""
+        n = len(x_set)
+        with torch.no_grad():
+            eps_u = unet(x_set, t, encoder_hidden_states=uncond.expand(n, -1, -1)).sample
+        embedding = cond.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([embedding], lr=self.lr)
+        first = current = None
+        iterations = 0
+        for k in range(self.max_iters + 1):
+            with torch.enable_grad():
+                eps_c = unet(x_set, t, encoder_hidden_states=embedding.expand(n, -1, -1)).sample
+                loss = (eps_c - eps_u).float().norm(p=2)
+            current = float(loss.detach())
+            first = current if first is None else first
+            if k == self.max_iters or current <= self.l_target:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            (grad,) = torch.autograd.grad(loss, [embedding])
+            grad[:, 0] = 0
+            embedding.grad = grad
+            optimizer.step()
+            iterations += 1
+        info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": current,
+                "wen_reached_target": current <= self.l_target}
         return embedding.detach(), info
 
 
@@ -178,5 +248,5 @@ class Baselines:
     """A mitigation's non-schedule parts (``mitigation.prompt``, ``.embedding``, ``.attention``), each optional."""
 
     prompt: PromptTransform | None = None
-    embedding: WenEmbeddingOptimization | None = None
+    embedding: WenEmbeddingOptimization | WenSharedEmbedding | None = None
     attention: RenAttention | None = None
