@@ -1,0 +1,39 @@
+"""The protocol's options that follow the reference code: the prompt draw, the table configs' metric networks."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from memguard.errors import UserError
+from memguard.runner import run
+from memguard.runs.prompts import Prompts, draw_prompts
+from tests.test_run import config
+
+CONF = Path(__file__).parent.parent / "conf"
+
+
+def test_prompt_draw_is_the_official_numpy_draw_with_replacement() -> None:
+    texts = [f"caption {i}" for i in range(50)]
+    loaded = Prompts(texts, [None] * 50, [str(i) for i in range(50)])
+    drawn = draw_prompts(loaded, OmegaConf.create({"count": 40, "seed": 42, "replace": True}))
+    np.random.seed(42)  # as generate_test_dataset_stp.py lines 152-153 draw them
+    assert drawn.texts == list(np.random.choice(texts, 40))
+    assert len(set(drawn.texts)) < 40  # with replacement: repeats, each its own entry
+    assert drawn.reference_keys == [t.split()[1] for t in drawn.texts]
+    assert draw_prompts(loaded, None) is loaded
+    assert sorted(draw_prompts(loaded, OmegaConf.create({"count": 50, "seed": 1, "replace": False})).texts) == sorted(texts)
+    with pytest.raises(UserError, match="prompt_draw.count=60"):
+        draw_prompts(loaded, OmegaConf.create({"count": 60, "seed": 1, "replace": False}))
+    assert OmegaConf.load(CONF / "scenario" / "laion10k.yaml").prompt_draw == {"count": 10000, "seed": 42, "replace": True}
+
+
+def test_a_run_with_a_prompt_draw_gives_a_repeated_prompt_its_own_index(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run(config(tiny_model_dir, tmp_path, "images_per_prompt=1", "prompt_draw={count: 3, seed: 5, replace: true}"))
+    gens = pd.read_csv(tmp_path / "generations.csv")
+    np.random.seed(5)
+    assert gens.prompt.tolist() == list(np.random.choice(["a red circle", "a blue square"], 3))
+    assert gens.prompt.nunique() < 3 and gens.prompt_idx.tolist() == [0, 1, 2]
+    assert gens.file.tolist() == [f"images/{i:05d}_0.png" for i in range(3)]
