@@ -37,3 +37,15 @@ def test_a_run_with_a_prompt_draw_gives_a_repeated_prompt_its_own_index(tiny_mod
     assert gens.prompt.tolist() == list(np.random.choice(["a red circle", "a blue square"], 3))
     assert gens.prompt.nunique() < 3 and gens.prompt_idx.tolist() == [0, 1, 2]
     assert gens.file.tolist() == [f"images/{i:05d}_0.png" for i in range(3)]
+
+
+@pytest.mark.parametrize(("number", "model"), [(1, "ViT-B-16-quickgelu"), (2, "ViT-B-16-quickgelu"), (3, "ViT-g-14"),
+                                               (4, "ViT-g-14"), (5, "ViT-g-14")])
+def test_each_table_scores_clip_with_its_reference_network(number: int, model: str) -> None:
+    from tests.test_configs import compose_config
+
+    cfg = compose_config([f"experiment=table{number}", "paths.weights_dir=/w"])
+    assert cfg.metrics.alignment.model == model
+    assert cfg.metrics.alignment.path == ("/w/ViT-B-16-openai.bin" if number < 3 else "/w/ViT-g-14.bin")
+    plain = compose_config([f"experiment=table{number}", "paths.weights_dir=/w", "++clip_network=null"])
+    assert plain.metrics.alignment.model == "ViT-g-14"
