@@ -49,3 +49,22 @@ def test_each_table_scores_clip_with_its_reference_network(number: int, model: s
     assert cfg.metrics.alignment.path == ("/w/ViT-B-16-openai.bin" if number < 3 else "/w/ViT-g-14.bin")
     plain = compose_config([f"experiment=table{number}", "paths.weights_dir=/w", "++clip_network=null"])
     assert plain.metrics.alignment.model == "ViT-g-14"
+
+
+@pytest.mark.parametrize(("scenario", "images", "per_prompt"), [
+    ("laion10k", 1, None), ("laion100k", 1, None), ("imagenette", 100, None), ("wen_dup200", 4, None),
+    ("webster500", 4, "index")])
+def test_scenario_defaults_are_the_ones_docs_protocol_lists(scenario: str, images: int, per_prompt: str | None) -> None:
+    conf = OmegaConf.load(CONF / "scenario" / f"{scenario}.yaml")
+    assert conf.images_per_prompt == images and conf.get("references_per_prompt") == per_prompt
+    assert (CONF.parent / "docs" / "protocol.md").read_text().count(f"`images_per_prompt: {images}`") >= 1
+
+
+def test_baseline_defaults_are_the_ones_docs_protocol_lists() -> None:
+    mitigation = lambda name: OmegaConf.load(CONF / "mitigation" / f"{name}.yaml")  # noqa: E731
+    assert mitigation("ren").attention.mask_branches == "both"
+    for level in (1, 3):
+        assert mitigation(f"wen_l{level}").embedding._target_ == "memguard.baselines.WenSharedEmbedding"
+        per_image = mitigation(f"wen_l{level}_per_image")
+        assert per_image.embedding._target_ == "memguard.baselines.WenEmbeddingOptimization"
+        assert per_image.embedding.lr == 0.05 and per_image.embedding.max_iters == 10
