@@ -186,7 +186,7 @@ def run_protocol(run_dir: Path) -> str | None:
     if not file.is_file():
         return None
     cfg = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
-    get = lambda *keys: _dig(cfg, keys)  # noqa: E731
+    get = lambda *keys: _dig(cfg, keys)
     seeds = get("seeds")
     images = len(seeds) if isinstance(seeds, list) else 1 if isinstance(seeds, int) else get("images_per_prompt")
     draw = get("prompt_draw")

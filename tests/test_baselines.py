@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 import torch
-
 from torch import Tensor
+
 from memguard.baselines import RandomTokens, RenAttention
 from memguard.components import clip_tokenizer
 from memguard.runner import run
@@ -232,8 +231,8 @@ def test_wen_shared_embedding_is_one_per_prompt_and_independent_of_batch_size(ti
     assert whole.wen_iterations.tolist() == single.wen_iterations.tolist()
     assert whole.wen_final_norm.to_numpy() == pytest.approx(single.wen_final_norm.to_numpy(), rel=1e-5)
     assert (whole.wen_iterations >= 1).all()
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     for file in whole.file:
         a = np.asarray(Image.open(tmp_path / "b8" / file), dtype=float)
         b = np.asarray(Image.open(tmp_path / "b1" / file), dtype=float)

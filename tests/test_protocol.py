@@ -61,7 +61,7 @@ def test_scenario_defaults_are_the_ones_docs_protocol_lists(scenario: str, image
 
 
 def test_baseline_defaults_are_the_ones_docs_protocol_lists() -> None:
-    mitigation = lambda name: OmegaConf.load(CONF / "mitigation" / f"{name}.yaml")  # noqa: E731
+    mitigation = lambda name: OmegaConf.load(CONF / "mitigation" / f"{name}.yaml")
     assert mitigation("ren").attention.mask_branches == "both"
     for level in (1, 3):
         assert mitigation(f"wen_l{level}").embedding._target_ == "memguard.baselines.WenSharedEmbedding"
