@@ -9,7 +9,7 @@ changes the prompt's text embedding before sampling and reports per image what i
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,12 +30,16 @@ class RandomTokens(PromptTransform):
     uniformly random word position of the prompt (split on spaces).
 
     ``kind="word"``: a random CLIP token (id uniform in [0, 49400), decoded by the tokenizer);
-    ``kind="number"``: a random integer in [0, 100000). Their DCR code inserts 2 (``count``'s default; Wen et
-    al.'s reproduction uses 4). The draws are deterministic per (prompt, image seed, ``salt``), so a run
+    ``kind="number"``: a random integer in [0, 100000). At inference the reference code inserts 4
+    (``count``'s default): somepago/DCR ``sd_mitigation.py`` line 126 (``--rand_aug_repeats`` default 4),
+    SonyResearch/mitigating_memorization ``generate_test_dataset_stp.py`` line 204 (``repeat_num=4``) and
+    YuxinWenRick/diffusion_memorization ``README.md`` line 67 (``--repeat_num 4``). The 2 found in
+    ``prompt_augmentation``'s signature (DCR ``sd_mitigation.py`` line 14) is the training-time augmentation's
+    default. The draws are deterministic per (prompt, image seed, ``salt``), so a run
     resumes identically and does not depend on batch size.
     """
 
-    def __init__(self, kind: str, count: int = 2, salt: int = 0) -> None:
+    def __init__(self, kind: str, count: int = 4, salt: int = 0) -> None:
         if kind not in ("word", "number"):
             raise ValueError(f"kind={kind!r} must be word or number")
         if count < 1:
@@ -69,7 +73,7 @@ class WenEmbeddingOptimization:
         self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
 
     def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor,
-                 uncond: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                 uncond: Tensor, **_: object) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             eps_u = unet(x_in, t, encoder_hidden_states=uncond).sample
         embedding = cond.detach().clone().requires_grad_(True)
@@ -98,20 +102,98 @@ class WenEmbeddingOptimization:
         return embedding.detach(), info
 
 
-class RenAttention:
-    """Ren et al. (ECCV 2024): in the conditional branch's cross-attention only, scale the pre-softmax logits of
-    the first (start) token by ``c1`` and mask the tokens after the prompt's end token:
+class WenSharedEmbedding:
+    """Wen et al. (ICLR 2024) as their code runs it: ONE text embedding per prompt, shared by the prompt's whole
+    image set (all the run's seeds), optimised with AdamW (``lr``) on one L2 norm over the set,
 
-        s[:, 0] <- c1 * s[:, 0],      s[:, j] <- -inf  for j > position of <|endoftext|>
+        L(e_p) = || stack_i [eps(x_T^i, T, e_p) - eps(x_T^i, T, e_empty)] ||_2,
+
+    stopping (the whole set together) once L <= ``l_target`` or after ``max_iters`` steps; the start token's
+    gradient is zeroed. YuxinWenRick/diffusion_memorization ``local_sd_pipeline.py``: one embedding repeated
+    over ``num_images_per_prompt`` (lines 556 and 598-603), ``torch.norm(noise_pred_text, p=2)`` over the
+    stacked set (line 618), the check before each step (lines 635-639), ``grad[:, [0]] * 0`` (lines 644-646).
+    As there, AdamW's decoupled weight decay (its default 0.01) still acts on the start token.
+
+    The set's initial latents are drawn again from ``seeds`` (every seed of the run; the runner sets them), so
+    the embedding does not depend on which batch an image lands in; it is computed once per prompt and cached.
+    Returns, per image, its set's iterations, first and final L and whether the target was reached.
+    """
+
+    def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
+        if l_target <= 0 or lr <= 0 or max_iters < 0:
+            raise ValueError(f"l_target={l_target}, lr={lr} must be > 0 and max_iters={max_iters} >= 0")
+        self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
+        self.seeds: list[int] | None = None
+        self._cache: dict[tuple, tuple[Tensor, dict[str, float]]] = {}
+
+    def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor, uncond: Tensor,
+                 prompts: Sequence[str] = (), seeds: Sequence[int] = (),
+                 model_input: Callable[[Sequence[int]], Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``model_input(seeds)``: the first step's scaled model input for those seeds (as ``x_in`` is drawn)."""
+        if model_input is None or len(prompts) != len(cond):
+            raise ValueError("WenSharedEmbedding needs the batch's prompts and a model_input(seeds) function")
+        image_set = list(self.seeds if self.seeds is not None else seeds)
+        rows, infos = [], []
+        for i, prompt in enumerate(prompts):
+            key = (prompt, tuple(image_set), float(t), tuple(x_in.shape[1:]))
+            if key not in self._cache:
+                self._cache[key] = self.optimise(unet, model_input(image_set), t, cond[i : i + 1], uncond[i : i + 1])
+            rows.append(self._cache[key][0])
+            infos.append(self._cache[key][1])
+        info = {k: torch.tensor([row[k] for row in infos], device=cond.device) for k in infos[0]}
+        return torch.cat(rows).to(cond.dtype), info
+
+    def optimise(self, unet: torch.nn.Module, x_set: Tensor, t: Tensor, cond: Tensor,
+                 uncond: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """One prompt's shared embedding ``(1, L, D)`` for the set's model inputs ``x_set`` ``(N, C, h, w)``."""
+        n = len(x_set)
+        with torch.no_grad():
+            eps_u = unet(x_set, t, encoder_hidden_states=uncond.expand(n, -1, -1)).sample
+        embedding = cond.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([embedding], lr=self.lr)
+        first = current = None
+        iterations = 0
+        for k in range(self.max_iters + 1):
+            with torch.enable_grad():
+                eps_c = unet(x_set, t, encoder_hidden_states=embedding.expand(n, -1, -1)).sample
+                loss = (eps_c - eps_u).float().norm(p=2)
+            current = float(loss.detach())
+            first = current if first is None else first
+            if k == self.max_iters or current <= self.l_target:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            (grad,) = torch.autograd.grad(loss, [embedding])
+            grad[:, 0] = 0
+            embedding.grad = grad
+            optimizer.step()
+            iterations += 1
+        info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": current,
+                "wen_reached_target": current <= self.l_target}
+        return embedding.detach(), info
+
+
+class RenAttention:
+    """Ren et al. (ECCV 2024): in the cross-attention, scale the conditional branch's pre-softmax logits of the
+    first (start) token by ``c1`` and mask the tokens after the prompt's end token:
+
+        s_cond[:, 0] <- c1 * s_cond[:, 0],      s[:, j] <- -inf  for j > position of <|endoftext|>
 
     so attention drawn by trigger tokens is diluted and the padding tokens (which carry the prompt's summary)
     are ignored. Installed on every cross-attention (``attn2``) module of the UNet for one batch, then removed.
+
+    ``mask_branches="both"`` (default) masks both halves of the guidance batch with the conditional prompt's
+    length, as renjie3/MemAttn does: ``refactored_classes/refactored_attention_processor.py`` lines 1247-1257
+    build one mask of ``prompt_length`` (start through end token, ``MemAttn.py`` line 138) repeated over the
+    batch (``repeat(2, ...)``) and applied to every row (line 1190), while ``c1`` scales only the conditional
+    rows (``attn_weight[1::2]``, line 1198). ``"conditional"`` masks the conditional half only.
     """
 
-    def __init__(self, c1: float = 1.25, mask_trailing: bool = True) -> None:
+    def __init__(self, c1: float = 1.25, mask_trailing: bool = True, mask_branches: str = "both") -> None:
         if c1 <= 0:
             raise ValueError(f"c1={c1} must be > 0")
-        self.c1, self.mask_trailing = c1, mask_trailing
+        if mask_branches not in ("both", "conditional"):
+            raise ValueError(f"mask_branches={mask_branches!r} must be both or conditional")
+        self.c1, self.mask_trailing, self.mask_branches = c1, mask_trailing, mask_branches
 
     @contextmanager
     def installed(self, unet: torch.nn.Module, lengths: Tensor, sequence: int) -> Iterator[None]:
@@ -119,7 +201,8 @@ class RenAttention:
         ``lengths``: each prompt's token count through its end token, ``sequence``: the padded length."""
         original = unet.attn_processors
         keep = self.keep_mask(lengths, sequence)
-        unet.set_attn_processor({name: _RenProcessor(self.c1, keep) if ".attn2." in name else proc
+        unet.set_attn_processor({name: _RenProcessor(self.c1, keep, self.mask_branches == "both")
+                                 if ".attn2." in name else proc
                                  for name, proc in original.items()})
         try:
             yield
@@ -133,11 +216,11 @@ class RenAttention:
 
 
 class _RenProcessor:
-    """diffusers' plain attention, with :class:`RenAttention`'s logit edit on the conditional half of the batch
-    (the sampler's batches are ``[unconditional, conditional]``)."""
+    """diffusers' plain attention, with :class:`RenAttention`'s logit edit: ``c1`` on the conditional half of the
+    batch (the sampler's batches are ``[unconditional, conditional]``), the mask on that half or on both."""
 
-    def __init__(self, c1: float, keep: Tensor) -> None:
-        self.c1, self.keep = c1, keep
+    def __init__(self, c1: float, keep: Tensor, both: bool = False) -> None:
+        self.c1, self.keep, self.both = c1, keep, both
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
@@ -151,7 +234,10 @@ class _RenProcessor:
         logits = (query.float() @ key.float().transpose(1, 2) * attn.scale).view(batch, heads, query.shape[1], -1)
         cond = slice(batch // 2, batch)
         logits[cond, ..., 0] *= self.c1
-        logits[cond] = logits[cond].masked_fill(~self.keep[:, None, None, :], float("-inf"))
+        if self.both:
+            logits = logits.masked_fill(~self.keep.repeat(2, 1)[:, None, None, :], float("-inf"))
+        else:
+            logits[cond] = logits[cond].masked_fill(~self.keep[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1).view(batch * heads, query.shape[1], -1).to(value.dtype)
         out = attn.batch_to_head_dim(probs @ value)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
@@ -162,5 +248,5 @@ class Baselines:
     """A mitigation's non-schedule parts (``mitigation.prompt``, ``.embedding``, ``.attention``), each optional."""
 
     prompt: PromptTransform | None = None
-    embedding: WenEmbeddingOptimization | None = None
+    embedding: WenEmbeddingOptimization | WenSharedEmbedding | None = None
     attention: RenAttention | None = None

@@ -134,6 +134,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
                              for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
+    if hasattr(baselines.embedding, "seeds"):  # a per-prompt embedding is shared by all the prompt's seeds
+        baselines.embedding.seeds = seeds
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 

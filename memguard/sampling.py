@@ -124,7 +124,7 @@ def decode(components: Components, latents: Tensor) -> Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-EmbeddingAdjustment = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+EmbeddingAdjustment = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
 
 def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
@@ -134,7 +134,8 @@ def generate_images(components: Components, scheduler: SchedulerMixin, schedule:
     """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
     decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
     model's own (UNet sample size times the VAE factor). ``adjust(unet, x_in, t, cond, uncond)`` (a baseline
-    such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input.
+    such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input; it also
+    gets ``prompts``, ``seeds`` and ``model_input(seeds)`` (any seeds' first scaled input, for image sets).
     ``attention`` (Ren et al.'s :class:`~memguard.baselines.RenAttention`) replaces the UNet's cross-attention
     processors for this batch."""
     from memguard.errors import UserError
@@ -151,7 +152,12 @@ def generate_images(components: Components, scheduler: SchedulerMixin, schedule:
     if adjust is not None:
         scheduler.set_timesteps(steps, device=noise.device)
         t = scheduler.timesteps[0]
-        cond, info = adjust(unet, scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t, cond, uncond)
+        def model_input(set_seeds: Sequence[int]) -> Tensor:  # an image set's first input, drawn as ``noise``
+            set_noise = initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype)
+            return scheduler.scale_model_input(set_noise * scheduler.init_noise_sigma, t)
+
+        cond, info = adjust(unet, scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t, cond, uncond,
+                            prompts=list(prompts), seeds=list(seeds), model_input=model_input)
     installed = nullcontext()
     if attention is not None:
         lengths = components.tokenizer(list(prompts), truncation=True, max_length=cond.shape[1],

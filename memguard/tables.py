@@ -3,7 +3,9 @@
 Each paper table has the paper's rows and columns; beside every column of ours stands the paper's published
 value (``... [paper]``). A row whose run folder is missing stays empty and its ``command`` says how to make it.
 Each row also names the networks behind its numbers (``similarity by``, ``alignment by``, ``fid by``), so a
-pixel-space or attribute-classifier number is never read as SSCD, CLIP or Inception.
+pixel-space or attribute-classifier number is never read as SSCD, CLIP or Inception. Under each table's Markdown
+stands the protocol each run folder ran with (from its ``config.yaml``): images per prompt, prompt draw, sampler,
+steps, scale, the baselines' settings and the metric networks.
 """
 
 from __future__ import annotations
@@ -174,6 +176,54 @@ def to_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(target: Any) -> str:
+    return str(target).rsplit(".", 1)[-1] if target else ""
+
+
+def run_protocol(run_dir: Path) -> str | None:
+    """One line: the protocol a run folder's ``config.yaml`` (resolved) records, or None without one."""
+    from omegaconf import OmegaConf
+
+    file = run_dir / "config.yaml"
+    if not file.is_file():
+        return None
+    cfg = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+    get = lambda *keys: _dig(cfg, keys)
+    seeds = get("seeds")
+    images = len(seeds) if isinstance(seeds, list) else 1 if isinstance(seeds, int) else get("images_per_prompt")
+    draw = get("prompt_draw")
+    parts = [f"{images} image(s)/prompt"]
+    if draw:
+        parts.append(f"prompts drawn: {draw.get('count')} (seed {draw.get('seed')}, "
+                     f"{'with' if draw.get('replace', True) else 'without'} replacement)")
+    parts.append(f"{get('sampler', 'name')} {get('sampler', 'steps')} steps, scale {get('guidance', 'scale')}")
+    mitigation = get("mitigation") or {}
+    for key in ("prompt", "embedding", "attention"):
+        spec = mitigation.get(key)
+        if spec:
+            args = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "_target_")
+            parts.append(f"{_short(spec.get('_target_'))}({args})")
+    metrics = get("metrics") or {}
+    nets = [f"{name}: {_short((metrics.get(name) or {}).get('_target_'))}"
+            + (f" {metrics[name]['model']}" if (metrics.get(name) or {}).get("model") else "")
+            for name in ("similarity", "alignment", "fid") if metrics.get(name)]
+    parts.append(f"metrics {metrics.get('name')} ({'; '.join(nets) or 'none'})")
+    return "; ".join(parts)
+
+
+def _dig(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def protocol_text(runs_dir: Path, scenario: str, mitigations: list[str]) -> str:
+    """Under a table: per run folder present, the protocol it ran with."""
+    lines = [f"- `{scenario}/{m}`: {text}" for m in mitigations
+             if (text := run_protocol(runs_dir / scenario / m)) is not None]
+    return "Protocol (from each run folder's config.yaml):\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def write_tables(output_dir: str | Path) -> list[Path]:
     """Write ``tables/table{1..5}.{csv,md,html}`` and ``tables/tiny.{csv,md,html}`` under ``output_dir``."""
     out = Path(output_dir)
@@ -181,9 +231,14 @@ def write_tables(output_dir: str | Path) -> list[Path]:
     tables.mkdir(parents=True, exist_ok=True)
     frames = {f"table{t.number}": (paper_table(t, runs), f"Table {t.number} ({t.scenario})") for t in PAPER_TABLES}
     frames["tiny"] = (tiny_table(runs), "The tiny scenario (pixel similarity, attribute alignment: not SSCD/CLIP)")
+    protocols = {f"table{t.number}": protocol_text(runs, t.scenario, [r.mitigation for r in t.rows]) for t in PAPER_TABLES}
+    tiny = runs / "tiny"
+    protocols["tiny"] = protocol_text(runs, "tiny", sorted(p.name for p in tiny.iterdir() if p.is_dir())
+                                      if tiny.is_dir() else [])
     written = []
     for name, (frame, title) in frames.items():
         frame.to_csv(tables / f"{name}.csv", index=False)
-        (tables / f"{name}.md").write_text(f"## {title}\n\n{to_markdown(frame)}")
-        written += [tables / f"{name}.csv", tables / f"{name}.md", write_table_report(tables, name, title, frame)]
+        protocol = f"\n{protocols[name]}" if protocols[name] else ""
+        (tables / f"{name}.md").write_text(f"## {title}\n\n{to_markdown(frame)}{protocol}")
+        written += [tables / f"{name}.csv", tables / f"{name}.md", write_table_report(tables, name, title, frame, protocols[name])]
     return written

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 import torch
+from torch import Tensor
 
 from memguard.baselines import RandomTokens, RenAttention
 from memguard.components import clip_tokenizer
@@ -50,9 +50,10 @@ def test_rand_numb_run_keeps_the_original_prompt_and_records_the_changed_one(tin
     assert pd.read_csv(tmp_path / "plain" / "generations.csv").model_prompt.isna().all()
 
 
-def _wen_run(model: Path, run_dir: Path, l_target: float, max_iters: int = 3) -> pd.DataFrame:
-    run(config(model, run_dir, "mitigation=wen_l1", f"mitigation.embedding.l_target={l_target}",
-               f"mitigation.embedding.max_iters={max_iters}"))
+def _wen_run(model: Path, run_dir: Path, l_target: float, max_iters: int = 3, name: str = "wen_l1_per_image",
+             *overrides: str) -> pd.DataFrame:
+    run(config(model, run_dir, f"mitigation={name}", f"mitigation.embedding.l_target={l_target}",
+               f"mitigation.embedding.max_iters={max_iters}", *overrides))
     return pd.read_csv(run_dir / "generations.csv")
 
 
@@ -76,7 +77,7 @@ def test_wen_lowers_the_first_step_norm_or_stops_at_the_cap_and_says_so(tiny_mod
 def test_wen_results_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path: Path) -> None:
     target = float(_wen_run(tiny_model_dir, tmp_path / "probe", 1e-6, max_iters=0).wen_first_norm.median())
     one = _wen_run(tiny_model_dir, tmp_path / "b8", target)
-    run(config(tiny_model_dir, tmp_path / "b1", "mitigation=wen_l1", f"mitigation.embedding.l_target={target}",
+    run(config(tiny_model_dir, tmp_path / "b1", "mitigation=wen_l1_per_image", f"mitigation.embedding.l_target={target}",
                "mitigation.embedding.max_iters=3", "batch_size=1"))
     other = pd.read_csv(tmp_path / "b1" / "generations.csv")
     assert one.wen_iterations.tolist() == other.wen_iterations.tolist()
@@ -111,10 +112,48 @@ def test_ren_changes_the_conditional_attention_only(tiny_components) -> None:
     plain = _step0(tiny_components, None)
     identity = _step0(tiny_components, RenAttention(c1=1.0, mask_trailing=False))
     assert torch.allclose(identity["eps_c"], plain["eps_c"], atol=1e-5)  # the processor itself is exact
-    ren = _step0(tiny_components, RenAttention())
+    ren = _step0(tiny_components, RenAttention(mask_branches="conditional"))
     assert torch.allclose(ren["eps_u"], plain["eps_u"], atol=1e-6)  # unconditional branch untouched
     assert (ren["eps_c"] - plain["eps_c"]).abs().max() > 1e-3
     assert RenAttention().keep_mask(torch.tensor([3, 5]), 6).tolist() == [[True] * 3 + [False] * 3, [True] * 5 + [False]]
+
+
+def _ren_reference(attn, hidden: Tensor, context: Tensor, prompt_lengths: list[int], c1: float) -> Tensor:
+    """Ren et al.'s edit written from their description and MemAttn's processor: per (half, prompt) row, logits
+    q k^T / sqrt(d); positions at or after the conditional prompt's length set to -inf in every row; the start
+    token's logit times c1 in the conditional rows; softmax; times v; output projection."""
+    rows, heads = [], attn.heads
+    half = hidden.shape[0] // 2
+    for i in range(hidden.shape[0]):
+        q = attn.to_q(hidden[i]).view(hidden.shape[1], heads, -1).transpose(0, 1)
+        k = attn.to_k(context[i]).view(context.shape[1], heads, -1).transpose(0, 1)
+        v = attn.to_v(context[i]).view(context.shape[1], heads, -1).transpose(0, 1)
+        s = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        s[..., prompt_lengths[i % half]:] = float("-inf")
+        if i >= half:
+            s[..., 0] = s[..., 0] * c1
+        rows.append((s.softmax(-1) @ v).transpose(0, 1).reshape(hidden.shape[1], -1))
+    return attn.to_out[0](torch.stack(rows))
+
+
+def test_ren_masks_both_branches_like_a_reference_written_from_the_description(tiny_components) -> None:
+    unet = tiny_components.unet
+    name = next(n for n in unet.attn_processors if ".attn2." in n)
+    attn = unet.get_submodule(name.removesuffix(".processor"))
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 6, attn.to_q.in_features, generator=generator)
+    context = torch.randn(4, 77, attn.to_k.in_features, generator=generator)
+    lengths = [3, 5]
+    with torch.no_grad():
+        with RenAttention(c1=1.25).installed(unet, torch.tensor(lengths), 77):
+            ours = attn(hidden, encoder_hidden_states=context)
+        want = _ren_reference(attn, hidden, context, lengths, 1.25)
+    assert torch.allclose(ours, want, atol=1e-5)
+    plain = _step0(tiny_components, None)
+    both = _step0(tiny_components, RenAttention())
+    assert (both["eps_u"] - plain["eps_u"]).abs().max() > 1e-4  # the unconditional branch is masked too
+    with pytest.raises(ValueError, match="mask_branches='uncond' must be both or conditional"):
+        RenAttention(mask_branches="uncond")
 
 
 def test_ren_run_and_generate_restore_the_processors(tiny_components, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -127,3 +166,74 @@ def test_ren_run_and_generate_restore_the_processors(tiny_components, tiny_model
     assert {k: type(v) for k, v in tiny_components.unet.attn_processors.items()} == before
     run(config(tiny_model_dir, tmp_path / "ren", "mitigation=ren"))
     assert json.loads((tmp_path / "ren" / "metrics.json").read_text())["mitigation"] == "ren"
+
+
+@pytest.mark.parametrize("name", ["rand_word", "rand_numb"])
+def test_random_token_baselines_insert_four_items_by_default_as_at_inference_in_the_reference_code(name: str) -> None:
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parent.parent / "conf" / "mitigation" / f"{name}.yaml")
+    assert conf.prompt.count == 4
+    assert RandomTokens("number").count == 4
+    extra = [w for w in RandomTokens("number")("a b c", 3, clip_tokenizer()).split(" ") if w.isdigit()]
+    assert len(extra) == 4
+
+
+def _wen_reference(unet, x_set: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, target: float, lr: float,
+                   iters: int) -> Tensor:
+    """Wen et al.'s inference-time mitigation written from their description: one embedding for the prompt's
+    images, the loss sqrt(sum over the images of ||eps_c - eps_u||^2), AdamW, the start token's gradient zeroed,
+    at most ``iters`` steps, stop once the loss is at or below ``target``."""
+    embedding = torch.nn.Parameter(cond.detach().clone())
+    optimizer = torch.optim.AdamW([embedding], lr=lr)
+    for _ in range(iters):
+        squares = 0.0
+        for x in x_set:
+            with torch.no_grad():
+                eps_u = unet(x[None], t, encoder_hidden_states=uncond).sample
+            squares = squares + (unet(x[None], t, encoder_hidden_states=embedding).sample - eps_u).pow(2).sum()
+        loss = squares.sqrt()
+        if loss.item() <= target:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        embedding.grad[:, 0] = 0
+        optimizer.step()
+    return embedding.detach()
+
+
+def test_wen_shared_embedding_matches_a_reference_written_from_the_description(tiny_components) -> None:
+    from memguard.baselines import WenSharedEmbedding
+    from memguard.sampling import encode_prompts, initial_noise
+
+    unet, t = tiny_components.unet, torch.tensor(999)
+    cond, uncond = encode_prompts(tiny_components, ["a red circle"]), encode_prompts(tiny_components, [""])
+    x_set = initial_noise([0, 1, 2], (4, 16, 16))
+    wen = WenSharedEmbedding(l_target=1e-6, lr=0.05, max_iters=3)
+    ours, info = wen.optimise(unet, x_set, t, cond, uncond)
+    want = _wen_reference(unet, x_set, t, cond, uncond, 1e-6, 0.05, 3)
+    assert info["wen_iterations"] == 3 and not info["wen_reached_target"]
+    assert (ours - cond).abs().max() > 1e-3 and torch.allclose(ours, want, atol=1e-5)
+    per_image = _wen_reference(unet, x_set[:1], t, cond, uncond, 1e-6, 0.05, 3)
+    assert not torch.allclose(ours, per_image, atol=1e-5)  # the set's norm, not one image's
+    easy = WenSharedEmbedding(l_target=1e6, max_iters=3).optimise(unet, x_set, t, cond, uncond)
+    assert easy[1]["wen_iterations"] == 0 and torch.equal(easy[0], cond)
+
+
+def test_wen_shared_embedding_is_one_per_prompt_and_independent_of_batch_size(tiny_model_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    probe = _wen_run(tiny_model_dir, tmp_path / "probe", 1e-6, 0, "wen_l1")
+    target = float(probe.wen_first_norm.min()) * 0.97
+    whole = _wen_run(tiny_model_dir, tmp_path / "b8", target, 3, "wen_l1")
+    single = _wen_run(tiny_model_dir, tmp_path / "b1", target, 3, "wen_l1", "batch_size=1")
+    for frame in (probe, whole):  # one norm per prompt: every image of a prompt reports its set's figures
+        assert frame.groupby("prompt_idx").wen_first_norm.nunique().eq(1).all()
+    assert whole.wen_iterations.tolist() == single.wen_iterations.tolist()
+    assert whole.wen_final_norm.to_numpy() == pytest.approx(single.wen_final_norm.to_numpy(), rel=1e-5)
+    assert (whole.wen_iterations >= 1).all()
+    import numpy as np
+    from PIL import Image
+    for file in whole.file:
+        a = np.asarray(Image.open(tmp_path / "b8" / file), dtype=float)
+        b = np.asarray(Image.open(tmp_path / "b1" / file), dtype=float)
+        assert np.abs(a - b).max() <= 1

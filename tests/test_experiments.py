@@ -47,7 +47,7 @@ def test_table_grid_runs_and_fills_its_table(table, tiny_model_dir: Path, tmp_pa
     write_fixtures(tmp_path / "data")
     result = memguard("run", "-m", f"experiment=table{table.number}", f"model.path={tiny_model_dir}",
                       f"paths.data_dir={tmp_path / 'data'}", "metrics=pixel", "images_per_prompt=1",
-                      "sampler.steps=3", "resolution=32", "progress=false", cwd=tmp_path)
+                      "sampler.steps=3", "resolution=32", "progress=false", "prompt_draw=null", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     result = memguard("tables", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

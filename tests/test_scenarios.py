@@ -44,8 +44,10 @@ def test_laion_metadata_jsonl_gives_captions_and_reference_images(tmp_path: Path
     rows = [{"file_name": f"images/{i:05d}.jpg", "text": f"caption {i}"} for i in range(3)]
     (data / "images").mkdir(parents=True)
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose_config(["scenario=laion10k", f"paths.data_dir={tmp_path}"])
+    cfg = compose_config(["scenario=laion10k", f"paths.data_dir={tmp_path}", "prompt_draw=null"])
     assert load_prompts(cfg).texts == ["caption 0", "caption 1", "caption 2"]
+    drawn = load_prompts(compose_config(["scenario=laion10k", f"paths.data_dir={tmp_path}"])).texts
+    assert len(drawn) == 10000 and set(drawn) == {"caption 0", "caption 1", "caption 2"}  # the official draw
     assert Path(cfg.references) == data / "images"
 
 

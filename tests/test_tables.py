@@ -71,3 +71,23 @@ def test_tables_command(tmp_path: Path) -> None:
     result = memguard("tables", "--output-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "## Table 5 (laion100k)" in result.stdout and "| No mitigation | 0.4 | 0.3952 |" in result.stdout
+
+
+def test_tables_print_the_protocol_each_run_folder_ran_with(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from memguard.runner import run
+    from tests.test_run import config
+
+    runs = tmp_path / "runs" / "laion10k"
+    run(config(tiny_model_dir, runs / "rand_word", "mitigation=rand_word", "metrics=pixel", "evaluate=false",
+               "prompt_draw={count: 3, seed: 42, replace: true}", "images_per_prompt=1", "sampler.steps=3"))
+    run(config(tiny_model_dir, runs / "ren", "mitigation=ren", "metrics=pixel", "evaluate=false", "sampler.steps=3"))
+    write_tables(tmp_path)
+    text = (tmp_path / "tables" / "table1.md").read_text()
+    protocol = text.split("Protocol (from each run folder's config.yaml):")[1]
+    word = next(line for line in protocol.splitlines() if "laion10k/rand_word" in line)
+    assert "1 image(s)/prompt" in word and "prompts drawn: 3 (seed 42, with replacement)" in word
+    assert "3 steps, scale 7.5" in word and "RandomTokens(kind=word, count=4" in word
+    assert "metrics pixel (similarity: PixelEmbedder)" in word
+    ren = next(line for line in protocol.splitlines() if "laion10k/ren" in line)
+    assert "2 image(s)/prompt" in ren and "RenAttention(c1=1.25, mask_trailing=True, mask_branches=both)" in ren
+    assert "laion10k/none" not in protocol  # no folder, no line

@@ -64,7 +64,25 @@ def load_prompts(cfg: DictConfig) -> Prompts:
         loaded = Prompts(texts, [None] * len(texts), [None] * len(texts))
     if not loaded.texts:
         raise UserError("no prompts: give prompts='[a photo of ..., ...]' or prompts_file=FILE (one prompt per line)")
-    return loaded
+    return draw_prompts(loaded, cfg.get("prompt_draw"))
+
+
+def draw_prompts(loaded: Prompts, draw: DictConfig | None) -> Prompts:
+    """``prompt_draw`` ({count, seed, replace}): ``count`` prompts drawn as ``numpy.random.seed(seed);
+    numpy.random.choice(prompts, count, replace=replace)`` draws them (the paper's official
+    ``generate_test_dataset_stp.py`` lines 152-153: 10,000 captions, seed 42, with replacement). Each drawn
+    prompt, a repeated one included, gets its own prompt index, so file names and seeds stay deterministic."""
+    if draw is None:
+        return loaded
+    import numpy as np
+
+    count, seed, replace = draw.get("count"), draw.get("seed", 0), bool(draw.get("replace", True))
+    if not isinstance(count, int) or count < 1 or (not replace and count > len(loaded.texts)):
+        raise UserError(f"prompt_draw.count={count} must be an integer >= 1 (at most {len(loaded.texts)}, the "
+                        "number of prompts, with prompt_draw.replace=false)")
+    picks = np.random.RandomState(int(seed)).choice(len(loaded.texts), count, replace=replace).tolist()
+    return Prompts([loaded.texts[i] for i in picks], [loaded.groups[i] for i in picks],
+                   [loaded.reference_keys[i] for i in picks])
 
 
 def load_seeds(cfg: DictConfig) -> list[int]:

@@ -148,9 +148,10 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
-def write_table_report(tables_dir: Path, name: str, title: str, frame: pd.DataFrame) -> Path:
-    """``tables/<name>.html``: the table, then each run's grid linked to its own report (``../runs/<run>/``)."""
-    parts = [_table(frame)]
+def write_table_report(tables_dir: Path, name: str, title: str, frame: pd.DataFrame, protocol: str = "") -> Path:
+    """``tables/<name>.html``: the table, the protocol each run ran with, then each run's grid linked to its own
+    report (``../runs/<run>/``)."""
+    parts = [_table(frame)] + ([f"<pre>{html.escape(protocol)}</pre>"] if protocol else [])
     runs = frame["run"].tolist() if "run" in frame else [f"tiny/{m}" for m in dict.fromkeys(frame.get("Mitigation", []))]
     for run in dict.fromkeys(runs):
         folder = tables_dir.parent / "runs" / run
