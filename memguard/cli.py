@@ -1,6 +1,7 @@
 """The ``memguard`` command: a sub-command word, then Hydra overrides.
 
     memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
+    memguard basin [key=value ...]          CFG started at each of basin.starts, branching from one trajectory
     memguard evaluate [key=value ...]       (re-)evaluate a run folder: run_dir=DIR references=DIR metrics=...
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
     memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.runner import run
 
         _hydra_command("run", run, rest)
+    elif command == "basin":
+        from memguard.basin import basin
+
+        folder = "${paths.output_dir}/basin"  # its own folder kind, outside runs/ (which `memguard tables` reads)
+        _hydra_command("basin", basin, [f"run_dir={folder}/${{basin.name}}", f"hydra.sweep.dir={folder}",
+                                        "hydra.sweep.subdir=${basin.name}", *rest])
     elif command == "evaluate":
         from memguard.evaluate import evaluate
 
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "random-model":
         _random_model(rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, evaluate, train, finetune, tables, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, basin, evaluate, train, finetune, tables, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":
