@@ -62,7 +62,8 @@ def encode_prompts(components: Components, prompts: Sequence[str]) -> Tensor:
 
 @torch.no_grad()
 def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncond: Tensor, noise: Tensor,
-           schedule: GuidanceSchedule, steps: int, callback: StepCallback | None = None) -> Trajectory:
+           schedule: GuidanceSchedule, steps: int, callback: StepCallback | None = None, start: int = 0,
+           prefix: Trajectory | None = None) -> Trajectory:
     """Classifier-free guided sampling, Eq. (4) of Jain et al. with a per-sample, per-step scale.
 
     ``cond``/``uncond``: text embeddings ``(B, L, D)``; ``noise``: unit noise ``(B, C, h, w)``. The model's
@@ -70,21 +71,32 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
     reported in eps units for either. The scheduler is reset (``set_timesteps``) and stepped in place.
     ``callback`` gets, per step, a dict with ``step``, ``timestep``, ``x`` (latents before the step), ``eps_u``,
     ``eps_c`` (the model's raw outputs), ``d`` and ``scale``.
+
+    ``start > 0`` continues a trajectory from that step (a branch of a shared prefix): ``noise`` is then the
+    latents before step ``start`` (the callback's ``x``), ``scheduler`` a copy (``copy.deepcopy``) of the
+    scheduler as it was then, which is not reset, and ``prefix`` the trajectory whose ``d``, ``scale`` and norms of
+    the steps before ``start`` are kept (the schedule sees them as its history).
     """
     # 1. Timesteps and initial latents, as the pipeline prepares them
     device = noise.device
-    scheduler.set_timesteps(steps, device=device)
+    if start == 0:
+        scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     timestep_values = [float(t) for t in timesteps.cpu()]
-    latents = noise * scheduler.init_noise_sigma
+    latents = noise * scheduler.init_noise_sigma if start == 0 else noise
     embeddings = torch.cat([uncond, cond]).to(dtype=unet.dtype)
     d = torch.zeros(noise.shape[0], len(timesteps), dtype=torch.float32, device=device)
     # d_t is measured in eps units: for a v-prediction model eps_c - eps_u = sqrt(abar_t) (v_c - v_u)
     v_prediction = scheduler.config.get("prediction_type") == "v_prediction"
     scales, norm_c, norm_u = torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)
+    if prefix is not None:
+        d[:, :start], scales[:, :start] = prefix.d[:, :start], prefix.scale[:, :start]
+        norm_c[:, :start], norm_u[:, :start] = prefix.norm_c[:, :start], prefix.norm_u[:, :start]
 
     # 2. Denoising loop: one UNet call on [x, x] with [e_empty, e_prompt]
     for k, t in enumerate(timesteps):
+        if k < start:
+            continue
         x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=embeddings, return_dict=False)[0].chunk(2)
         guidance = eps_c - eps_u

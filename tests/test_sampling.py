@@ -79,3 +79,41 @@ def test_d_is_in_eps_units_for_v_prediction_models(tiny_components) -> None:
         # eps from v as diffusers' DDIM converts it: eps = sqrt(abar) v + sqrt(1 - abar) x_t
         eps_c = abar ** 0.5 * step["eps_c"] + (1 - abar) ** 0.5 * step["x"]
         assert traj.norm_c[0, step["step"]].item() == pytest.approx(eps_c.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("opposite", [0.0, 7.5])
+def test_branch_from_a_shared_prefix_equals_an_independent_run(tiny_components: Components, opposite: float) -> None:
+    """CFG started at step k, continued from the zero-guidance (or opposite-guidance) prefix's latents and a
+    copy of its DPM-Solver state, equals an independent run of the schedule that starts CFG at step k."""
+    import copy
+
+    from memguard.guidance import StaticTransition
+
+    steps, k = 8, 3
+    unet = tiny_components.unet
+    cond = encode_prompts(tiny_components, PROMPTS)
+    uncond = encode_prompts(tiny_components, [""]).expand_as(cond)
+    noise = initial_noise(SEEDS, (4, 16, 16))
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(tiny_components.scheduler.config)
+    kept = {}
+
+    def snapshot(state) -> None:
+        if state["step"] == k:
+            kept["x"], kept["scheduler"] = state["x"].clone(), copy.deepcopy(scheduler)
+
+    never = StaticTransition(tau=0, scale=7.5, opposite=opposite)  # t <= 0 is never reached in 8 steps
+    prefix = sample(unet, scheduler, cond, uncond, noise, never, steps, callback=snapshot)
+    tau = prefix.timesteps[k]  # t <= tau from step k on: the independent run's "CFG from step k"
+    branch = sample(unet, kept["scheduler"], cond, uncond, kept["x"], StaticTransition(tau, 7.5, opposite), steps,
+                    start=k, prefix=prefix)
+    fresh = diffusers.DPMSolverMultistepScheduler.from_config(tiny_components.scheduler.config)
+    alone = sample(unet, fresh, cond, uncond, noise, StaticTransition(tau, 7.5, opposite), steps)
+    torch.testing.assert_close(branch.latents, alone.latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(branch.d, alone.d, atol=0, rtol=1e-5)
+    torch.testing.assert_close(branch.scale, alone.scale)
+    assert (branch.latents - prefix.latents).abs().max() > 1e-3  # the branch did change the image
+    reset = diffusers.DPMSolverMultistepScheduler.from_config(tiny_components.scheduler.config)
+    reset.set_timesteps(steps)  # right timesteps, but without the solver's history at step k
+    stale = sample(unet, reset, cond, uncond, kept["x"], StaticTransition(tau, 7.5, opposite), steps,
+                   start=k, prefix=prefix)
+    assert (stale.latents - alone.latents).abs().max() > 1e-4
