@@ -39,9 +39,9 @@ def d_shape(mean: pd.Series, tail: int = 10) -> dict:
     last = int(mean.index.max())
     peak_step = int(mean.idxmax())
     window = mean.loc[peak_step:last - tail]
-    low = float(window.min()) if len(window) else float("nan")
+    low = float(window.min()) if len(window) else None  # None: the peak is within the last 10 steps
     return {"peak_step": peak_step, "peak": float(mean.max()), "min_after_peak_before_last_10": low,
-            "fall_ratio": float(mean.max()) / low if low > 0 else None,
+            "fall_ratio": float(mean.max()) / low if low else None,
             "at_step": {str(k): float(mean.loc[k]) for k in (0, 10, 20, 30, 40, last) if k in mean.index}}
 
 
