@@ -5,7 +5,7 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test smoke bench tables table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model clean
+.PHONY: help install test smoke bench tables table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures a
 
 tiny-model: $(MG)  ## retrain the tiny model from nothing into outputs/train/tiny (about 20 min on 2 cores)
 	$(MG) train scenario=tiny
+
+tiny-ft-model: $(MG)  ## the two-stage tiny model: pre-train (train=pretrain), then fine-tune (train=finetune) into outputs/train/
+	$(MG) train scenario=tiny_ft train=pretrain
+	$(MG) train scenario=tiny_ft train=finetune
 
 bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
 	$(PY) scripts/bench_sampling.py

@@ -170,15 +170,19 @@ def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: 
 
 def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, Any], settings: TrainSettings,
                similarity: Any, alignment: dict[str, Any] | None = None, fp16_weights: bool = True,
-               progress: bool = True) -> Path:
-    """The tiny scenario's model, from nothing: write the procedural dataset to ``output_dir/data``, train the
-    denoiser on it, train the attribute classifier (``alignment.pt``) on fresh procedural images, calibrate the
-    copy threshold of the ``similarity`` embedder, and save a diffusers folder ``output_dir/model`` (weights
-    stored as float16 to halve the checkpoint; loaded as float32) with ``memguard_train.json`` recording the
-    dataset and its digest, architecture, settings, time, final loss, classifier accuracy and threshold."""
+               progress: bool = True, init_from: str | Path | None = None) -> Path:
+    """The tiny scenario's model: write the procedural dataset to ``output_dir/data``, train the denoiser on it,
+    train the attribute classifier (``alignment.pt``) on fresh procedural images, calibrate the copy threshold
+    of the ``similarity`` embedder, and save a diffusers folder ``output_dir/model`` (weights stored as float16
+    to halve the checkpoint, or float32; loaded as float32) with ``memguard_train.json`` recording the dataset
+    and its digest, architecture, settings, time, final loss, classifier accuracy and threshold.
+
+    From nothing (``model`` builds :func:`tiny_components`), or, with ``init_from``, fine-tuning the trained
+    folder there (the two-stage recipe: pre-train on a large diverse set, then fine-tune on a small one until
+    it memorizes); ``model`` is then ignored and the record keeps the earlier stage's record under ``init``."""
     import time
 
-    from memguard.components import save_components
+    from memguard.components import load_components, save_components
     from memguard.metrics.alignment import save_attribute_net, train_attribute_net
     from memguard.procedural import dataset_digest, write_dataset
 
@@ -187,7 +191,13 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
         raise FileExistsError(f"{out / 'model'} exists; choose another output folder")
     data_dir = write_dataset(out / "data", **data)
     images, captions, repeats = load_training_set(data_dir)
-    components = tiny_components(**model)
+    init = None
+    if init_from is not None:
+        components = load_components(init_from)
+        init = {"path": str(init_from), "record": json.loads((Path(init_from) / "memguard_train.json").read_text())}
+        model = init["record"]["model"]
+    else:
+        components = tiny_components(**model)
     started = time.perf_counter()
     losses = train_denoiser(components, images, captions, repeats, settings, progress)
     seconds = time.perf_counter() - started
@@ -203,29 +213,39 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
               "alignment_held_out_accuracy": accuracy,
               "copy_threshold": {"embedder": similarity.name, "percentile": 99.0,
                                  "value": calibrate_copy_threshold(data_dir, similarity, data.get("size", 16))}}
+    if init is not None:
+        record["init"] = init
     (folder / "memguard_train.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "losses.json").write_text(json.dumps(losses))
     return folder
 
 
 def train_from_config(cfg: Any) -> Path:
-    """``memguard train scenario=tiny``: :func:`train_tiny` with the scenario's ``dataset`` and ``train`` keys."""
+    """``memguard train scenario=tiny`` (or ``scenario=tiny_ft train=pretrain|finetune``, the two-stage recipe in
+    conf/train/): :func:`train_tiny` with the ``dataset`` and ``train`` keys; ``train.init_from`` fine-tunes."""
     from omegaconf import OmegaConf
 
     from memguard.errors import UserError, instantiate_checked
 
     if cfg.get("train") is None or cfg.get("dataset") is None:
         raise UserError(f"scenario={cfg.scenario.name} has no training recipe (train, dataset); "
-                        "`memguard train` trains scenario=tiny")
+                        "`memguard train` trains scenario=tiny, or scenario=tiny_ft with train=pretrain, then "
+                        "train=finetune")
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
             if k not in ("_target_", "folder", "digest")}
     settings = TrainSettings(**OmegaConf.to_container(cfg.train.settings, resolve=True))
+    init_from = cfg.train.get("init_from")
+    if init_from is not None and not (Path(init_from) / "memguard_train.json").is_file():
+        raise UserError(f"train.init_from={init_from!r} holds no model trained by `memguard train`; train the "
+                        "first stage there (e.g. `memguard train scenario=tiny_ft train=pretrain`) or point "
+                        "train.init_from at one")
     try:
         folder = train_tiny(cfg.train.output_dir, data, dict(cfg.train.model), settings,
                             instantiate_checked(cfg.metrics.similarity, "metrics.similarity"),
-                            dict(cfg.train.alignment), progress=cfg.progress)
+                            dict(cfg.train.alignment), fp16_weights=bool(cfg.train.get("fp16_weights", True)),
+                            progress=cfg.progress, init_from=init_from)
     except FileExistsError as err:
         raise UserError(f"train.output_dir: {err}") from err
     print(f"trained model in {folder}; to make it the tiny scenario's model: model.path={folder} "

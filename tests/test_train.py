@@ -70,3 +70,36 @@ def test_train_then_run_and_evaluate_the_trained_folder(tmp_path: Path) -> None:
 
     result = memguard("train", "scenario=tiny", f"train.output_dir={out}", *SMALL_RECIPE, cwd=tmp_path)
     assert result.returncode == 2 and "exists; choose another output folder" in result.stderr  # nothing overwritten
+
+
+TWO_STAGE_SMALL = ["dataset.n_unique=24", "dataset.n_eval_unique=2", "train.settings.steps=2",
+                   "train.settings.batch_size=4", "train.settings.warmup=1", "train.alignment.n_train=256",
+                   "train.alignment.n_test=64", "train.alignment.epochs=1", "progress=false"]
+
+
+def test_two_stage_recipe_pretrains_then_finetunes_reproducibly(tmp_path: Path) -> None:
+    """`memguard train scenario=tiny_ft train=pretrain`, then `train=finetune` starting from its weights: the
+    fine-tuned record keeps the first stage's recipe and data digest, and a second fine-tuning is bitwise equal."""
+    out = [f"paths.output_dir={tmp_path / 'outputs'}"]
+    early = memguard("train", "scenario=tiny_ft", "train=finetune", *out, *TWO_STAGE_SMALL, cwd=tmp_path)
+    assert early.returncode == 2 and "train.init_from=" in early.stderr and "train=pretrain" in early.stderr
+    pre = memguard("train", "scenario=tiny_ft", "train=pretrain", *out, *TWO_STAGE_SMALL, cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr
+    pre_folder = tmp_path / "outputs" / "train" / "tiny_pretrain" / "model"
+    pre_record = json.loads((pre_folder / "memguard_train.json").read_text())
+    assert pre_record["weights_dtype"] == "float32" and pre_record["data"]["n_trigger"] == 0
+
+    tuned = []
+    for name in ("a", "b"):
+        result = memguard("train", "scenario=tiny_ft", "train=finetune", *out, *TWO_STAGE_SMALL,
+                          "dataset.n_trigger=1", "dataset.n_shared=1", "dataset.repeats=3",
+                          f"train.output_dir={tmp_path / name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        tuned.append(tmp_path / name / "model")
+    record = json.loads((tuned[0] / "memguard_train.json").read_text())
+    assert record["init"]["record"]["dataset_digest"] == pre_record["dataset_digest"] != record["dataset_digest"]
+    assert record["init"]["record"]["settings"] == pre_record["settings"] and record["settings"]["seed"] == 1
+    assert record["model"] == pre_record["model"] and record["weights_dtype"] == "float16"
+    first, second, start = (load_components(f).unet.state_dict() for f in (*tuned, pre_folder))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], start[k].half().float()) for k in first)  # fine-tuning moved the weights
