@@ -34,9 +34,10 @@ from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule
-from memguard.runs.folder import Record, check_folder, existing_records, update_metrics, write_image
+from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics, write_image
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
-from memguard.runs.prompts import load_prompts, load_seeds
+from memguard.runs.prompts import Prompts, load_prompts, load_seeds
+from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
 from memguard.sampling import generate_images
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,18 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (resuming) every requested image of ``cfg`` into ``cfg.run_dir``; return metrics."""
-    from memguard.evaluate import evaluate, planned_stages  # evaluate imports this module
+    from memguard.evaluate import planned_stages  # evaluate imports this module
     # 1. Check every input that is cheap to check before the folder is touched
     check_settings(cfg)
+    shard = shard_of(cfg)  # this process's share of the pairs (shard.index/count, accelerate's RANK/WORLD_SIZE)
     if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first
-        instantiate_checked(cfg.dataset, "dataset")
+        with folder_lock(Path(cfg.paths.output_dir), "dataset"):  # once, when shards start together
+            instantiate_checked(cfg.dataset, "dataset")
     require_inputs(cfg)  # every input at once (memguard check), before anything is generated or written
     loaded, seeds = load_prompts(cfg), load_seeds(cfg)
     prompts = loaded.texts
     evaluating = cfg.evaluate and bool(planned_stages(cfg))
-    device = resolve_device(cfg.device)
+    device = shard.device(resolve_device(cfg.device))
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
@@ -140,11 +143,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 2. The run folder: same settings as before, or new
     run_dir = Path(cfg.run_dir)
     check_folder(cfg, run_dir)
-    records = existing_records(run_dir, prompts, seeds)
+    pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    records = existing_records(run_dir, prompts, seeds, {p for p in pairs if shard.owns(*p)} if shard.sharded else None)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
-    todo = [(i, s) for i in range(len(prompts)) for s in seeds if (i, s) not in records]
-    log.info("run folder %s: %d of %d images present", run_dir, len(records), len(prompts) * len(seeds))
+    write_config(run_dir, cfg)
+    todo = [p for p in pairs if p not in records and shard.owns(*p)]
+    log.info("run folder %s: %d of %d images present%s", run_dir, len(records), len(pairs),
+             f" (of shard {shard.name}'s)" if shard.sharded else "")
 
     # 3. Load the model and sample what is missing
     started = time.perf_counter()
@@ -154,8 +159,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                cfg.batch_size, run_dir / "images", cfg.progress, baselines):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
+    if shard.sharded:  # the other shards' images, as far as they are written
+        record_shard(run_dir, shard, {"images_made": len(todo), "seconds": round(seconds, 3), "device": str(device)})
+        records.update(existing_records(run_dir, prompts, seeds, {p for p in pairs if p not in records}))
+        if len(records) < len(pairs):
+            return unfinished_result(run_dir, shard, len(todo), len(pairs) - len(records), len(pairs))
 
-    # 4. Tables, figures, metrics
+    # 4. Tables, figures, metrics: by this process unless another is finishing the folder (memguard.runs.shard)
+    with finishing(run_dir, shard, pairs) as go:
+        return finish(cfg, run_dir, records, loaded, seeds, todo, seconds, evaluating) if go else \
+            {"shard": shard.name, "images_made": len(todo), "n_images": len(pairs), "finished": False}
+
+
+def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record], loaded: Prompts,
+           seeds: list[int], todo: list[tuple[int, int]], seconds: float, evaluating: bool) -> dict[str, Any]:
+    """Tables, figures and ``metrics.json`` of a folder with nothing missing, then its evaluation."""
+    from memguard.evaluate import evaluate  # evaluate imports this module
+
+    prompts = loaded.texts
     ordered = [records[(i, s)] for i in range(len(prompts)) for s in seeds]
     write_tables(run_dir, ordered, loaded)
     write_figures(run_dir, ordered, seeds)
@@ -176,7 +197,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if any(math.isnan(v) for r in ordered for v in r.d):
         log.warning("d_t has NaN values: the model produced NaN predictions (try dtype=float32)")
 
-    # 5. Evaluation, unless told not to or metrics=none
+    # Evaluation, unless told not to or metrics=none
     if evaluating:
         metrics = evaluate(cfg)
     return metrics
