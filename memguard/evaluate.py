@@ -31,7 +31,7 @@ from memguard.errors import UserError, instantiate_checked
 from memguard.metrics.fid import frechet_distance
 from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
 from memguard.metrics.similarity import embed_files, nearest_references, summarize
-from memguard.runs.folder import update_metrics
+from memguard.runs.folder import atomic_write_text, update_metrics
 from memguard.runs.report import write_grid, write_report
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
-    generations.to_csv(table, index=False)
+    atomic_write_text(table, generations.to_csv(index=False))  # readers never see half a table
     metrics = update_metrics(run_dir, results)
     write_grid(run_dir)  # now with the nearest references and copies outlined
     write_report(run_dir)

@@ -34,10 +34,11 @@ from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
 from memguard.guidance import GuidanceSchedule
-from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics, write_image
+from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
 from memguard.runs.prompts import Prompts, load_prompts, load_seeds
 from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
+from memguard.runs.writer import ImageWriter
 from memguard.sampling import generate_images
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def check_settings(cfg: DictConfig) -> None:
         raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1")
     if not isinstance(cfg.sampler.steps, int) or cfg.sampler.steps < 1:
         raise UserError(f"sampler.steps={cfg.sampler.steps} must be an integer >= 1")
+    if cfg.trajectory not in ("full", "off"):
+        raise UserError(f"trajectory={cfg.trajectory!r} is not one of full (d_t at every step, the paper's record), "
+                        "off (skip a branch the scale leaves unused)")
 
 
 def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedule:
@@ -86,13 +90,15 @@ def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> Schedul
 
 def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
-             image_dir: Path, progress: bool = True, baselines: Baselines | None = None) -> list[Record]:
-    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each. ``baselines`` may
-    rewrite each image's prompt, its prompt embedding, or the UNet's cross-attention."""
+             image_dir: Path, progress: bool = True, baselines: Baselines | None = None,
+             trajectory: str = "full") -> list[Record]:
+    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each (in a background
+    thread: :mod:`memguard.runs.writer`). ``baselines`` may rewrite each image's prompt, its prompt embedding, or
+    the UNet's cross-attention; ``trajectory``: see :func:`memguard.sampling.sample`."""
     baselines = baselines or Baselines()
     transform = baselines.prompt
     records = []
-    with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar:
+    with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar, ImageWriter() as writer:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             batch_prompts = [prompts[idx] for idx, _ in batch]
@@ -100,7 +106,7 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
                 transform(prompts[idx], seed, components.tokenizer) for idx, seed in batch]
             images, traj = generate_images(components, scheduler, schedule, model_prompts,
                                            [seed for _, seed in batch], steps, resolution, baselines.embedding,
-                                           baselines.attention)
+                                           baselines.attention, trajectory)
             info = {k: v.cpu().tolist() for k, v in traj.info.items()}
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             norm_c, norm_u = traj.norm_c.cpu().tolist(), traj.norm_u.cpu().tolist()
@@ -108,9 +114,10 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
             for i, (idx, seed) in enumerate(batch):
                 record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i],
                                 None if transform is None else model_prompts[i],
-                                {k: v[i] for k, v in info.items()} or None, norm_c[i], norm_u[i], decisions[i])
-                write_image(image_dir / record.file, images[i], record)
+                                {k: v[i] for k, v in info.items()} or None, norm_c[i], norm_u[i], decisions[i],
+                                traj.unet_evals)
                 records.append(record)
+            writer.submit(images, [image_dir / r.file for r in records[-len(batch):]], records[-len(batch):])
             bar.update(len(batch))
     return records
 
@@ -156,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if todo:
         components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
-                               cfg.batch_size, run_dir / "images", cfg.progress, baselines):
+                               cfg.batch_size, run_dir / "images", cfg.progress, baselines, cfg.trajectory):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
     if shard.sharded:  # the other shards' images, as far as they are written
@@ -169,6 +176,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with finishing(run_dir, shard, pairs) as go:
         return finish(cfg, run_dir, records, loaded, seeds, todo, seconds, evaluating) if go else \
             {"shard": shard.name, "images_made": len(todo), "n_images": len(pairs), "finished": False}
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    """The mean of the values that are not NaN (``trajectory=off`` leaves steps unmeasured), or None."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else None
 
 
 def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record], loaded: Prompts,
@@ -189,12 +202,14 @@ def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record
         "n_images": len(ordered),
         "transition": transition_summary(ordered),
         **baseline_summary(ordered),
-        "d_step0_mean": sum(r.d[0] for r in ordered) / len(ordered),
+        "d_step0_mean": mean_or_none([r.d[0] for r in ordered]),
+        "unet_evals_per_image": mean_or_none([r.unet_evals for r in ordered if r.unet_evals is not None]),
         "generation": {"images_made": len(todo), "seconds": round(seconds, 3),
                        "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None},
     })
     log.info("%d images in %s (%d made now, %.1f s)", len(ordered), run_dir, len(todo), seconds)
-    if any(math.isnan(v) for r in ordered for v in r.d):
+    # a step with nothing measured (trajectory=off leaves d and one branch's norm NaN, never both norms)
+    if any(all(math.isnan(v) for v in step) for r in ordered for step in zip(r.d, r.norm_c or r.d, r.norm_u or r.d)):
         log.warning("d_t has NaN values: the model produced NaN predictions (try dtype=float32)")
 
     # Evaluation, unless told not to or metrics=none

@@ -145,7 +145,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a file of this process's own, renamed over ``path``: a reader (or
     another process writing the same file) sees the old or the new content, never a mix."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 @contextmanager
