@@ -33,6 +33,7 @@ from memguard.baselines import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
+from memguard.gpu import check_gpu_settings, prepare_components
 from memguard.guidance import GuidanceSchedule
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
@@ -60,8 +61,8 @@ def check_settings(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} must be a number >= 0 (opposite guidance is set by its strength, not a sign)")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1 or auto")
     if not isinstance(cfg.sampler.steps, int) or cfg.sampler.steps < 1:
         raise UserError(f"sampler.steps={cfg.sampler.steps} must be an integer >= 1")
     if cfg.trajectory not in ("full", "off"):
@@ -140,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prompts = loaded.texts
     evaluating = cfg.evaluate and bool(planned_stages(cfg))
     device = shard.device(resolve_device(cfg.device))
+    check_gpu_settings(cfg, device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
@@ -161,9 +163,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 3. Load the model and sample what is missing
     started = time.perf_counter()
     if todo:
-        components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
+        components, batch_size = prepare_components(load_components(cfg.model.path, device, DTYPES[cfg.dtype]), cfg,
+                                                    len(todo))  # VAE dtype, batch_size=auto, compile
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
-                               cfg.batch_size, run_dir / "images", cfg.progress, baselines, cfg.trajectory):
+                               batch_size, run_dir / "images", cfg.progress, baselines, cfg.trajectory):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
     if shard.sharded:  # the other shards' images, as far as they are written
