@@ -14,6 +14,7 @@ tables and figures)::
 
 Re-running the same command resumes: images already there are kept, the missing ones are made. A folder made
 with other generation settings, or whose images carry other prompts, is refused rather than mixed into.
+Several processes may fill one folder, each its shard of the pairs (:mod:`memguard.runs.shard`).
 """
 
 from __future__ import annotations

@@ -170,6 +170,10 @@ def folder_lock(run_dir: Path, name: str, blocking: bool = True) -> Iterator[boo
         except BlockingIOError:
             yield False
             return
+        except OSError as err:  # a file system without locks (ENOLCK, EOPNOTSUPP): go on, as memguard did before
+            log.warning("cannot lock %s (%s); processes sharing this folder are not serialised", handle.name, err)
+            yield True
+            return
         try:
             yield True
         finally:
