@@ -42,11 +42,35 @@ def _report_user_errors(task: Callable[[Any], Any], cfg: Any) -> Any:
         sys.exit(2)
 
 
+# hydra/launcher=NAME -> (the module of the Hydra plugin that provides it, its pip package); conf/hydra/launcher/slurm
+# is memguard's GPU defaults over submitit_slurm
+LAUNCHER_PLUGINS = {
+    **dict.fromkeys(("submitit_slurm", "submitit_local", "slurm"),
+                    ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+}
+
+
+def check_launcher(overrides: list[str]) -> None:
+    """A ``hydra/launcher=`` whose plugin is not installed is a UserError naming the key and the extra to install
+    (Hydra itself would only list the launchers it has)."""
+    import importlib.util
+
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "hydra/launcher" and value in LAUNCHER_PLUGINS:
+            module, package = LAUNCHER_PLUGINS[value]
+            if importlib.util.find_spec(module) is None:
+                raise UserError(f"hydra/launcher={value} needs the {package} package, which is not installed; "
+                                f"install memguard's cluster extra: pip install -e '.[cluster]' (or pip install {package})")
+
+
 def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
     import hydra
 
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; install with `pip install -e .`")
+    _report_user_errors(check_launcher, overrides)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def entry(cfg: Any) -> Any:

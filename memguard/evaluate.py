@@ -28,10 +28,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from memguard.errors import UserError, instantiate_checked
-from memguard.metrics.fid import frechet_distance
+from memguard.metrics.fid import fid_of_files
 from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
 from memguard.metrics.similarity import embed_files, nearest_references, summarize
-from memguard.runs.folder import update_metrics
+from memguard.runs.folder import atomic_write_text, update_metrics
 from memguard.runs.report import write_grid, write_report
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,9 @@ def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, r
 def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
     features = instantiate_checked(cfg.metrics.fid, "metrics.fid")
     skipped: list[Path] | None = [] if cfg.skip_unreadable else None
-    value = frechet_distance(embed_files([run_dir / f for f in generations.file], features,
-                                         num_workers=cfg.image_workers, key=f"run_dir={str(run_dir)!r}",
-                                         fix=REMAKE_FIX),
-                             embed_files(references, features, cache_dir=cfg.paths.cache_dir,
-                                         num_workers=cfg.image_workers, skipped=skipped,
-                                         key=f"references={str(cfg.references)!r}"))
+    value = fid_of_files([run_dir / f for f in generations.file], references, features, cfg.paths.cache_dir,
+                         cfg.image_workers, skipped, generated_key=f"run_dir={str(run_dir)!r}",
+                         reference_key=f"references={str(cfg.references)!r}", generated_fix=REMAKE_FIX)
     log.info("%s %.3f with %s", features.kind, value, features.name)
     return {"fid": {"kind": features.kind, "features": features.name, "value": value,
                     "generations": len(generations), "references": len(references) - len(skipped or []),
@@ -181,7 +178,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
-    generations.to_csv(table, index=False)
+    atomic_write_text(table, generations.to_csv(index=False))  # readers never see half a table
     metrics = update_metrics(run_dir, results)
     write_grid(run_dir)  # now with the nearest references and copies outlined
     write_report(run_dir)

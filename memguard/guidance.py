@@ -35,7 +35,14 @@ def _check_timestep(name: str, value: float, num_train_timesteps: int) -> None:
 
 
 class GuidanceSchedule:
-    """Base class. Subclasses state their rule for ``s`` in their docstring."""
+    """Base class. Subclasses state their rule for ``s`` in their docstring.
+
+    ``needs_d``: whether the scale depends on ``d`` (True unless a subclass says otherwise). A schedule that does
+    not read ``d`` can be asked for its scale before the model is called (``d`` then holds NaN for the steps not
+    measured), which lets ``trajectory=off`` skip a branch whose output the scale leaves unused.
+    """
+
+    needs_d = True
 
     def __call__(self, step: int, timestep: float, d: Tensor) -> Tensor:
         raise NotImplementedError
@@ -60,6 +67,8 @@ class Constant(GuidanceSchedule):
     Range: ``scale >= 0``.
     """
 
+    needs_d = False
+
     def __init__(self, scale: float) -> None:
         _check_non_negative("scale", scale)
         self.scale = float(scale)
@@ -75,6 +84,8 @@ class StaticTransition(GuidanceSchedule):
     gives opposite guidance, Eq. (5), before it (``og_stp``). The paper uses ``tau = 500`` for SD 2.1
     fine-tuned on LAION-10k. Ranges: ``0 <= tau <= num_train_timesteps - 1``, ``scale >= 0``, ``opposite >= 0``.
     """
+
+    needs_d = False
 
     def __init__(self, tau: float, scale: float, opposite: float = 0.0) -> None:
         _check_non_negative("scale", scale)
@@ -94,6 +105,8 @@ class Interval(GuidanceSchedule):
     Table 2 of the paper writes the interval as ``[t_hi, t_lo]``: ``[700, 0]`` and ``[600, 0]``.
     Ranges: ``0 <= t_lo <= t_hi <= num_train_timesteps - 1``, ``scale >= 0``.
     """
+
+    needs_d = False
 
     def __init__(self, t_hi: float, t_lo: float, scale: float) -> None:
         _check_non_negative("scale", scale)

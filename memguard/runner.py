@@ -14,6 +14,7 @@ tables and figures)::
 
 Re-running the same command resumes: images already there are kept, the missing ones are made. A folder made
 with other generation settings, or whose images carry other prompts, is refused rather than mixed into.
+Several processes may fill one folder, each its shard of the pairs (:mod:`memguard.runs.shard`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from memguard.baselines import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
+from memguard.gpu import check_gpu_settings, prepare_components
 from memguard.guidance import GuidanceSchedule
-from memguard.runs.folder import Record, check_folder, existing_records, update_metrics, write_image
+from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
-from memguard.runs.prompts import load_prompts, load_seeds
+from memguard.runs.prompts import Prompts, load_prompts, load_seeds
+from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
+from memguard.runs.writer import ImageWriter
 from memguard.sampling import generate_images
 
 log = logging.getLogger(__name__)
@@ -58,10 +62,13 @@ def check_settings(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} must be a number >= 0 (opposite guidance is set by its strength, not a sign)")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1 or auto")
     if not isinstance(cfg.sampler.steps, int) or cfg.sampler.steps < 1:
         raise UserError(f"sampler.steps={cfg.sampler.steps} must be an integer >= 1")
+    if cfg.trajectory not in ("full", "off"):
+        raise UserError(f"trajectory={cfg.trajectory!r} is not one of full (d_t at every step, the paper's record), "
+                        "off (skip a branch the scale leaves unused)")
 
 
 def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedule:
@@ -85,13 +92,15 @@ def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> Schedul
 
 def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
-             image_dir: Path, progress: bool = True, baselines: Baselines | None = None) -> list[Record]:
-    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each. ``baselines`` may
-    rewrite each image's prompt, its prompt embedding, or the UNet's cross-attention."""
+             image_dir: Path, progress: bool = True, baselines: Baselines | None = None,
+             trajectory: str = "full") -> list[Record]:
+    """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each (in a background
+    thread: :mod:`memguard.runs.writer`). ``baselines`` may rewrite each image's prompt, its prompt embedding, or
+    the UNet's cross-attention; ``trajectory``: see :func:`memguard.sampling.sample`."""
     baselines = baselines or Baselines()
     transform = baselines.prompt
     records = []
-    with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar:
+    with tqdm(total=len(todo), unit="img", desc="generating", disable=not progress) as bar, ImageWriter() as writer:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             batch_prompts = [prompts[idx] for idx, _ in batch]
@@ -99,7 +108,7 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
                 transform(prompts[idx], seed, components.tokenizer) for idx, seed in batch]
             images, traj = generate_images(components, scheduler, schedule, model_prompts,
                                            [seed for _, seed in batch], steps, resolution, baselines.embedding,
-                                           baselines.attention)
+                                           baselines.attention, trajectory)
             info = {k: v.cpu().tolist() for k, v in traj.info.items()}
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             norm_c, norm_u = traj.norm_c.cpu().tolist(), traj.norm_u.cpu().tolist()
@@ -107,9 +116,10 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
             for i, (idx, seed) in enumerate(batch):
                 record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i],
                                 None if transform is None else model_prompts[i],
-                                {k: v[i] for k, v in info.items()} or None, norm_c[i], norm_u[i], decisions[i])
-                write_image(image_dir / record.file, images[i], record)
+                                {k: v[i] for k, v in info.items()} or None, norm_c[i], norm_u[i], decisions[i],
+                                traj.unet_evals)
                 records.append(record)
+            writer.submit(images, [image_dir / r.file for r in records[-len(batch):]], records[-len(batch):])
             bar.update(len(batch))
     return records
 
@@ -120,16 +130,19 @@ def generate(components: Components, scheduler: SchedulerMixin, schedule: Guidan
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (resuming) every requested image of ``cfg`` into ``cfg.run_dir``; return metrics."""
-    from memguard.evaluate import evaluate, planned_stages  # evaluate imports this module
+    from memguard.evaluate import planned_stages  # evaluate imports this module
     # 1. Check every input that is cheap to check before the folder is touched
     check_settings(cfg)
+    shard = shard_of(cfg)  # this process's share of the pairs (shard.index/count, accelerate's RANK/WORLD_SIZE)
     if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first
-        instantiate_checked(cfg.dataset, "dataset")
+        with folder_lock(Path(cfg.paths.output_dir), "dataset"):  # once, when shards start together
+            instantiate_checked(cfg.dataset, "dataset")
     require_inputs(cfg)  # every input at once (memguard check), before anything is generated or written
     loaded, seeds = load_prompts(cfg), load_seeds(cfg)
     prompts = loaded.texts
     evaluating = cfg.evaluate and bool(planned_stages(cfg))
-    device = resolve_device(cfg.device)
+    device = shard.device(resolve_device(cfg.device))
+    check_gpu_settings(cfg, device)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
@@ -142,22 +155,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 2. The run folder: same settings as before, or new
     run_dir = Path(cfg.run_dir)
     check_folder(cfg, run_dir)
-    records = existing_records(run_dir, prompts, seeds)
+    pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    records = existing_records(run_dir, prompts, seeds, {p for p in pairs if shard.owns(*p)} if shard.sharded else None)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
-    todo = [(i, s) for i in range(len(prompts)) for s in seeds if (i, s) not in records]
-    log.info("run folder %s: %d of %d images present", run_dir, len(records), len(prompts) * len(seeds))
+    write_config(run_dir, cfg)
+    todo = [p for p in pairs if p not in records and shard.owns(*p)]
+    log.info("run folder %s: %d of %d images present%s", run_dir, len(records), len(pairs),
+             f" (of shard {shard.name}'s)" if shard.sharded else "")
 
     # 3. Load the model and sample what is missing
     started = time.perf_counter()
     if todo:
-        components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
+        components, batch_size = prepare_components(load_components(cfg.model.path, device, DTYPES[cfg.dtype]), cfg,
+                                                    len(todo))  # VAE dtype, batch_size=auto, compile
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
-                               cfg.batch_size, run_dir / "images", cfg.progress, baselines):
+                               batch_size, run_dir / "images", cfg.progress, baselines, cfg.trajectory):
             records[(record.prompt_idx, record.seed)] = record
     seconds = time.perf_counter() - started
+    if shard.sharded:  # the other shards' images, as far as they are written
+        record_shard(run_dir, shard, {"images_made": len(todo), "seconds": round(seconds, 3), "device": str(device)})
+        records.update(existing_records(run_dir, prompts, seeds, {p for p in pairs if p not in records}))
+        if len(records) < len(pairs):
+            return unfinished_result(run_dir, shard, len(todo), len(pairs) - len(records), len(pairs))
 
-    # 4. Tables, figures, metrics
+    # 4. Tables, figures, metrics: by this process unless another is finishing the folder (memguard.runs.shard)
+    with finishing(run_dir, shard, pairs) as go:
+        return finish(cfg, run_dir, records, loaded, seeds, todo, seconds, evaluating) if go else \
+            {"shard": shard.name, "images_made": len(todo), "n_images": len(pairs), "finished": False}
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    """The mean of the values that are not NaN (``trajectory=off`` leaves steps unmeasured), or None."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record], loaded: Prompts,
+           seeds: list[int], todo: list[tuple[int, int]], seconds: float, evaluating: bool) -> dict[str, Any]:
+    """Tables, figures and ``metrics.json`` of a folder with nothing missing, then its evaluation."""
+    from memguard.evaluate import evaluate  # evaluate imports this module
+
+    prompts = loaded.texts
     ordered = [records[(i, s)] for i in range(len(prompts)) for s in seeds]
     write_tables(run_dir, ordered, loaded)
     write_figures(run_dir, ordered, seeds)
@@ -170,15 +208,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_images": len(ordered),
         "transition": transition_summary(ordered),
         **baseline_summary(ordered),
-        "d_step0_mean": sum(r.d[0] for r in ordered) / len(ordered),
+        "d_step0_mean": mean_or_none([r.d[0] for r in ordered]),
+        "unet_evals_per_image": mean_or_none([r.unet_evals for r in ordered if r.unet_evals is not None]),
         "generation": {"images_made": len(todo), "seconds": round(seconds, 3),
                        "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None},
     })
     log.info("%d images in %s (%d made now, %.1f s)", len(ordered), run_dir, len(todo), seconds)
-    if any(math.isnan(v) for r in ordered for v in r.d):
+    # a step with nothing measured (trajectory=off leaves d and one branch's norm NaN, never both norms)
+    if any(all(math.isnan(v) for v in step) for r in ordered for step in zip(r.d, r.norm_c or r.d, r.norm_u or r.d)):
         log.warning("d_t has NaN values: the model produced NaN predictions (try dtype=float32)")
 
-    # 5. Evaluation, unless told not to or metrics=none
+    # Evaluation, unless told not to or metrics=none
     if evaluating:
         metrics = evaluate(cfg)
     return metrics

@@ -38,6 +38,7 @@ class Trajectory:
     norm_c: Tensor | None = None  # (B, steps): ||eps_c||_2 in eps units, as d is (Figures 3, 9, 10, 12 of the paper)
     norm_u: Tensor | None = None  # (B, steps): ||eps_u||_2
     info: dict[str, Tensor] = field(default_factory=dict)  # per-sample values an embedding adjustment reports
+    unet_evals: int | None = None  # UNet evaluations per sample in the loop: 2 per step, 1 where a branch was skipped
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device | str = "cpu",
@@ -63,7 +64,7 @@ def encode_prompts(components: Components, prompts: Sequence[str]) -> Tensor:
 @torch.no_grad()
 def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncond: Tensor, noise: Tensor,
            schedule: GuidanceSchedule, steps: int, callback: StepCallback | None = None, start: int = 0,
-           prefix: Trajectory | None = None) -> Trajectory:
+           prefix: Trajectory | None = None, trajectory: str = "full") -> Trajectory:
     """Classifier-free guided sampling, Eq. (4) of Jain et al. with a per-sample, per-step scale.
 
     ``cond``/``uncond``: text embeddings ``(B, L, D)``; ``noise``: unit noise ``(B, C, h, w)``. The model's
@@ -76,6 +77,11 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
     latents before step ``start`` (the callback's ``x``), ``scheduler`` a copy (``copy.deepcopy``) of the
     scheduler as it was then, which is not reset, and ``prefix`` the trajectory whose ``d``, ``scale`` and norms of
     the steps before ``start`` are kept (the schedule sees them as its history).
+
+    ``trajectory="full"`` (the paper's record) evaluates both branches at every step. ``"off"``: where the
+    schedule does not read ``d`` (``needs_d`` false) and its scale is exactly 0 (1) for every sample of the
+    batch, only the unconditional (conditional) branch is evaluated, which is what ``eps_hat`` then equals;
+    ``d`` and the other branch's norm are NaN at those steps (and the callback's other ``eps`` None).
     """
     # 1. Timesteps and initial latents, as the pipeline prepares them
     device = noise.device
@@ -93,10 +99,26 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
         d[:, :start], scales[:, :start] = prefix.d[:, :start], prefix.scale[:, :start]
         norm_c[:, :start], norm_u[:, :start] = prefix.norm_c[:, :start], prefix.norm_u[:, :start]
 
+    skip, single = trajectory == "off" and not schedule.needs_d, 0  # single: steps with one branch evaluated
+
     # 2. Denoising loop: one UNet call on [x, x] with [e_empty, e_prompt]
     for k, t in enumerate(timesteps):
         if k < start:
             continue
+        if skip:  # the scale is known before the model call; 0 or 1 for the whole batch leaves one branch unused
+            d[:, k], norm_c[:, k], norm_u[:, k] = float("nan"), float("nan"), float("nan")
+            scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
+            only = 0 if bool((scales[:, k] == 0).all()) else 1 if bool((scales[:, k] == 1).all()) else None
+            if only is not None:
+                x_t = scheduler.scale_model_input(latents, t)
+                eps = unet(x_t, t, encoder_hidden_states=embeddings.chunk(2)[only], return_dict=False)[0]
+                (norm_c if only else norm_u)[:, k] = _eps_norm(eps, x_t, scheduler, t, v_prediction)
+                if callback is not None:
+                    callback({"step": k, "timestep": timestep_values[k], "x": latents, "eps_u": None if only else eps,
+                              "eps_c": eps if only else None, "d": d[:, k], "scale": scales[:, k]})
+                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+                single += 1
+                continue
         x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=embeddings, return_dict=False)[0].chunk(2)
         guidance = eps_c - eps_u
@@ -113,7 +135,8 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
                       "d": d[:, k], "scale": scales[:, k]})
         latents = scheduler.step(eps, t, latents, return_dict=False)[0]
 
-    return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales, norm_c=norm_c, norm_u=norm_u)
+    return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales, norm_c=norm_c, norm_u=norm_u,
+                      unet_evals=2 * (len(timesteps) - start) - single)
 
 
 def _eps_norm(output: Tensor, x: Tensor, scheduler: SchedulerMixin, t: Tensor, v_prediction: bool) -> Tensor:
@@ -142,14 +165,15 @@ EmbeddingAdjustment = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
                     prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
                     adjust: EmbeddingAdjustment | None = None,
-                    attention: RenAttention | None = None) -> tuple[Tensor, Trajectory]:
+                    attention: RenAttention | None = None, trajectory: str = "full") -> tuple[Tensor, Trajectory]:
     """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
     decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
     model's own (UNet sample size times the VAE factor). ``adjust(unet, x_in, t, cond, uncond)`` (a baseline
     such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input; it also
     gets ``prompts``, ``seeds`` and ``model_input(seeds)`` (any seeds' first scaled input, for image sets).
     ``attention`` (Ren et al.'s :class:`~memguard.baselines.RenAttention`) replaces the UNet's cross-attention
-    processors for this batch."""
+    processors for this batch. ``trajectory``: see :func:`sample` (``off`` skips nothing under ``attention``,
+    whose processors edit the conditional half of a two-branch batch)."""
     from memguard.errors import UserError
 
     factor = components.vae_scale_factor
@@ -176,6 +200,7 @@ def generate_images(components: Components, scheduler: SchedulerMixin, schedule:
                                        return_length=True).length
         installed = attention.installed(unet, torch.as_tensor(lengths, device=noise.device), cond.shape[1])
     with installed:
-        trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps)
+        trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps,
+                            trajectory=trajectory if attention is None else "full")
     trajectory.info = info
     return decode(components, trajectory.latents), trajectory

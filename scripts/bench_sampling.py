@@ -1,11 +1,14 @@
 """Sampling throughput, measured side by side in one run.
 
-Prints images/s of memguard's loop under `none`, `dtp` and `og_dtp` (ratios to `none`: the cost of a
-schedule), and of memguard `none` vs diffusers' StableDiffusionPipeline on the same components, prompts,
-seeds and scheduler (ratio memguard / diffusers). Each timed call generates a whole batch: text encoding,
-sampling, VAE decoding. Methods are interleaved round by round and the median over rounds is reported.
+Prints images/s and UNet evaluations per image of memguard's loop under `none`, `dtp`, `og_dtp` and `stp`
+(tau 500; ratios to `none`: the cost of a schedule), of `stp` and `uncond` with trajectory=off vs full (the
+branch a scale of 0 or 1 leaves unused is skipped), and of memguard `none` vs diffusers'
+StableDiffusionPipeline on the same components, prompts, seeds and scheduler (DPM-Solver++; ratio memguard /
+diffusers). Each timed call generates a whole batch: text encoding, sampling, VAE decoding. Methods are
+interleaved round by round (the order rotates) and the median over rounds is reported; UNet evaluations are
+counted by a hook on the UNet (samples per call, summed), so both pipelines are counted alike.
 
-    python scripts/bench_sampling.py                         # tiny random components on the CPU
+    python scripts/bench_sampling.py                         # tiny random components on the CPU, 50 steps
     python scripts/bench_sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
 """
 
@@ -20,7 +23,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from memguard.components import Components, random_components, sd15_sized_random_components
-from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule
+from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule, StaticTransition
 from memguard.sampling import generate_images
 
 PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding a horse", "a green square",
@@ -28,9 +31,9 @@ PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding 
 
 
 def memguard_generate(c: Components, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
-                      steps: int) -> torch.Tensor:
+                      steps: int, trajectory: str = "full") -> torch.Tensor:
     scheduler = DPMSolverMultistepScheduler.from_config(c.scheduler.config)
-    return generate_images(c, scheduler, schedule, prompts, seeds, steps)[0]
+    return generate_images(c, scheduler, schedule, prompts, seeds, steps, trajectory=trajectory)[0]
 
 
 def main() -> None:
@@ -39,7 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batch", type=int, default=8, help="images per call")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on 2 shared cores)")
     args = parser.parse_args()
@@ -62,19 +65,33 @@ def main() -> None:
         return pipe(prompts, num_inference_steps=args.steps, guidance_scale=scale, generator=generators,
                     output_type="pt").images
 
+    def mg(schedule: GuidanceSchedule, trajectory: str = "full"):
+        return lambda: memguard_generate(components, schedule, prompts, seeds, args.steps, trajectory)
+
     methods = {
-        "memguard none": lambda: memguard_generate(components, Constant(scale), prompts, seeds, args.steps),
-        "memguard dtp": lambda: memguard_generate(components, DynamicTransition(scale), prompts, seeds, args.steps),
-        "memguard og_dtp": lambda: memguard_generate(components, DynamicTransition(scale, scale), prompts, seeds,
-                                                     args.steps),
+        "memguard none": mg(Constant(scale)),
+        "memguard dtp": mg(DynamicTransition(scale)),
+        "memguard og_dtp": mg(DynamicTransition(scale, scale)),
+        "memguard stp": mg(StaticTransition(500, scale)),
+        "memguard stp off": mg(StaticTransition(500, scale), "off"),
+        "memguard uncond": mg(Constant(0.0)),
+        "memguard uncond off": mg(Constant(0.0), "off"),
         "diffusers pipeline": diffusers_generate,
     }
+    evaluations = {name: 0 for name in methods}
+    current = [""]
+
+    def count(module: torch.nn.Module, args_: tuple) -> None:
+        evaluations[current[0]] += args_[0].shape[0]
+
+    components.unet.register_forward_pre_hook(count)
     synchronize = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
     for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # rotate the order each round
             method = methods[name]
+            current[0] = name
             synchronize()
             start = time.perf_counter()
             with torch.no_grad():
@@ -84,18 +101,24 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - start)
 
     rate = {name: args.batch / statistics.median(times) for name, times in seconds.items()}
+    per_image = {name: n / (args.batch * (args.rounds + 1)) for name, n in evaluations.items()}
     print(f"device={args.device} dtype={args.dtype} components={'sd15-sized' if args.sd15 else 'tiny'} "
-          f"batch={args.batch} steps={args.steps} rounds={args.rounds} threads={args.threads}")
+          f"batch={args.batch} steps={args.steps} (DPM-Solver++) rounds={args.rounds} threads={args.threads}")
     for name, value in rate.items():
         spread = (min(seconds[name]), max(seconds[name]))
-        print(f"  {name:20s} {value:8.3f} images/s   (per call: median {args.batch / value:.3f} s, "
-              f"min {spread[0]:.3f} s, max {spread[1]:.3f} s)")
+        print(f"  {name:20s} {value:8.3f} images/s  {per_image[name]:6.1f} UNet evals/image   (per call: median "
+              f"{args.batch / value:.3f} s, min {spread[0]:.3f} s, max {spread[1]:.3f} s)")
     best = {name: args.batch / min(times) for name, times in seconds.items()}
-    print("ratios of images/s          median   best")
-    for label, a, b in (("dtp / none", "memguard dtp", "memguard none"),
+    print("ratios                                  images/s median   best   wall time   UNet evals")
+    for label, a, b in (("memguard / diffusers (none)", "memguard none", "diffusers pipeline"),
+                        ("dtp / none", "memguard dtp", "memguard none"),
                         ("og_dtp / none", "memguard og_dtp", "memguard none"),
-                        ("memguard / diffusers", "memguard none", "diffusers pipeline")):
-        print(f"  {label:24s} {rate[a] / rate[b]:7.3f} {best[a] / best[b]:7.3f}")
+                        ("stp / none", "memguard stp", "memguard none"),
+                        ("stp trajectory=off / none", "memguard stp off", "memguard none"),
+                        ("stp trajectory=off / full", "memguard stp off", "memguard stp"),
+                        ("uncond trajectory=off / full", "memguard uncond off", "memguard uncond")):
+        print(f"  {label:36s} {rate[a] / rate[b]:15.3f} {best[a] / best[b]:7.3f} {rate[b] / rate[a]:11.3f} "
+              f"{per_image[a] / per_image[b]:12.3f}")
 
 
 

@@ -3,7 +3,10 @@
     FID = ||mu_g - mu_r||^2 + Tr(S_g) + Tr(S_r) - 2 Tr((S_g S_r)^(1/2))
 
 computed in float64, the trace of the matrix square root as the sum of square roots of the eigenvalues of
-``S_g S_r`` (as torchmetrics does). Feature extractors, each named in the output:
+``S_g S_r`` (as torchmetrics does). The evaluation streams (:func:`fid_of_files`): features are computed a
+batch at a time and only their running sums are kept, in torchmetrics' ``FrechetInceptionDistance`` (whose
+states are ``n``, ``sum x``, ``sum x x^T``), and the reference set's sums are cached; :func:`frechet_distance`
+takes two whole feature matrices. Feature extractors, each named in the output:
 
 - ``inception`` (:class:`InceptionFeatures`): the standard FID network, torch-fidelity's InceptionV3 port of the
   TensorFlow graph, 2048-d pool features, its standard preprocessing (uint8 input, TF1-compatible bilinear
@@ -99,3 +102,96 @@ class AttributeFeatures:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         return self.net.features(images).double()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming: running sums instead of every feature, and the references' sums cached
+
+
+class _Given(torch.nn.Module):
+    """The identity, as torchmetrics' feature network: memguard's extractors compute the features first (per
+    image shape, each network's own preprocessing), and torchmetrics keeps their running sums."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def streaming_fid(num_features: int):  # -> torchmetrics.image.fid.FrechetInceptionDistance
+    """torchmetrics' ``FrechetInceptionDistance`` over features given to ``update``: it holds ``n``, ``sum x`` and
+    ``sum x x^T`` per side in float64 (``D x D``: 32 MB for Inception's 2048), never the features themselves, and
+    its ``compute`` is the formula above (``torchmetrics/image/fid.py``, ``_compute_fid``)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(feature=_Given(num_features), reset_real_features=False)
+
+
+def _stream(metric, files: list[Path], features, real: bool, batch_size: int, num_workers: int, unreadable):
+    from memguard.metrics.images import apply_by_shape, embed_of, image_batches, transform_of
+
+    transform, embed = transform_of(features), embed_of(features)
+    for _, tensors in image_batches(files, transform, batch_size, num_workers, unreadable):
+        batch = apply_by_shape(embed, tensors).double()
+        metric = metric if metric is not None else streaming_fid(batch.shape[1])
+        metric.update(batch, real=real)
+    return metric
+
+
+def fid_of_files(generated: list[Path], references: list[Path], features, cache_dir: str | Path | None = None,
+                 num_workers: int = 0, skipped: list[Path] | None = None, batch_size: int = 64,
+                 generated_key: str = "run_dir", reference_key: str = "references",
+                 generated_fix: str | None = None) -> float:
+    """The Frechet distance between two sets of image files under ``features``, streamed in batches.
+
+    The references' running sums are cached in ``cache_dir`` (``fid-<digest>.pt``), keyed like the similarity
+    embeddings by the SHA-256 of the extractor's name and the files' names and bytes, so a reference set is read
+    once per extractor. Unreadable files: as :func:`memguard.metrics.similarity.embed_files` (one error listing
+    them all, or, with ``skipped`` a list, left out and appended to it).
+    """
+    import hashlib
+    import os
+
+    from memguard.metrics.images import SKIP_FIX, Unreadable
+    from memguard.metrics.similarity import files_digest
+
+    metric, cache_file = None, None
+    if cache_dir is not None:
+        digest = hashlib.sha256(f"fid-statistics\n{features.name}\n{files_digest(references)}".encode()).hexdigest()
+        cache_file = Path(cache_dir) / f"fid-{digest[:32]}.pt"
+    if cache_file is not None and cache_file.exists():
+        cached = torch.load(cache_file)
+        if cached["skipped"] and skipped is None:
+            raise Unreadable([Path(f) for f in cached["skipped"]], cached["reasons"]).error(reference_key, SKIP_FIX)
+        metric = streaming_fid(cached["real_features_sum"].shape[0])
+        for state in REAL_STATES:
+            setattr(metric, state, cached[state])
+        unread = [Path(f) for f in cached["skipped"]]
+    else:
+        unreadable = Unreadable()
+        metric = _stream(None, references, features, True, batch_size, num_workers, unreadable)
+        if unreadable.files and skipped is None:
+            raise unreadable.error(reference_key, SKIP_FIX)
+        if metric is None:
+            raise UserError(f"{reference_key}: none of the {len(references)} image files can be read")
+        unread = unreadable.files
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs each write their own, then rename
+            torch.save({**{s: getattr(metric, s) for s in REAL_STATES}, "features": features.name,
+                        "skipped": [str(f) for f in unread], "reasons": unreadable.reasons}, tmp)
+            tmp.replace(cache_file)
+    if skipped is not None:
+        skipped.extend(unread)
+    unreadable = Unreadable()
+    _stream(metric, generated, features, False, batch_size, num_workers, unreadable)
+    if unreadable.files:
+        raise unreadable.error(generated_key, *(() if generated_fix is None else (generated_fix,)))
+    if min(int(metric.real_features_num_samples), int(metric.fake_features_num_samples)) < 2:
+        raise ValueError("FID needs at least 2 images on each side")
+    return float(metric.compute())

@@ -6,9 +6,12 @@ prompts are refused rather than mixed into.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from memguard.guidance import transition_step
 
 log = logging.getLogger(__name__)
 # Config sections that decide what an image looks like; a run folder only resumes under the same values.
-GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "resolution", "dtype")
+# (Not ``shard``: shards are by pair, so a folder may be finished with another shard count.)
+GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "resolution", "dtype", "vae_dtype")
 PNG_KEY = "memguard"
 
 
@@ -41,6 +45,7 @@ class Record:
     norm_c: list[float] | None = None  # ||eps_c||_2 per step (None in folders made before it was recorded)
     norm_u: list[float] | None = None  # ||eps_u||_2 per step
     decision: str | None = None  # what a deciding schedule (mitigation=auto) chose for this image
+    unet_evals: int | None = None  # UNet evaluations of the sampling loop for this image (one per branch and step)
 
     @property
     def file(self) -> str:
@@ -108,12 +113,16 @@ def finished_record(path: Path) -> Record | None:
         return None
 
 
-def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dict[tuple[int, int], Record]:
+def existing_records(run_dir: Path, prompts: list[str], seeds: list[int],
+                     pairs: set[tuple[int, int]] | None = None) -> dict[tuple[int, int], Record]:
     """Records of the requested images already in the folder; refuses images made for another prompt. An
-    image that cannot be read or has no record is left out, with a warning, so it is made again."""
+    image that cannot be read or has no record is left out, with a warning, so it is made again. ``pairs``
+    (``(prompt_idx, seed)``) reads only those (a shard's own, or the ones other shards were making)."""
     records = {}
     for idx, prompt in enumerate(prompts):
         for seed in seeds:
+            if pairs is not None and (idx, seed) not in pairs:
+                continue
             path = run_dir / "images" / image_name(idx, seed)
             if not path.exists():
                 continue
@@ -132,10 +141,51 @@ def existing_records(run_dir: Path, prompts: list[str], seeds: list[int]) -> dic
     return records
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a file of this process's own, renamed over ``path``: a reader (or
+    another process writing the same file) sees the old or the new content, never a mix."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (unique to this process) to write; renamed over ``path`` on success."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def folder_lock(run_dir: Path, name: str, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``run_dir/.<name>.lock`` held for the block; yields whether it was taken (always
+    True when ``blocking``). Processes writing one run folder (shards) serialise their read-modify-writes on it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / f".{name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as err:  # a file system without locks (ENOLCK, EOPNOTSUPP): go on, as memguard did before
+            log.warning("cannot lock %s (%s); processes sharing this folder are not serialised", handle.name, err)
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def update_metrics(run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``values`` into ``metrics.json`` (other stages add their own keys) and return the whole."""
+    """Merge ``values`` into ``metrics.json`` (other stages add their own keys) and return the whole. Processes
+    sharing the folder take turns (a lock) and each write is atomic."""
     path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
-    metrics.update(values)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    with folder_lock(run_dir, "metrics"):
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        metrics.update(values)
+        atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
     return metrics

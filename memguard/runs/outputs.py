@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memguard.runs.folder import Record
+from memguard.runs.folder import Record, atomic_write_text
 from memguard.runs.plots import plot_norms
 from memguard.runs.report import write_grid, write_report
 from memguard.runs.prompts import Prompts
@@ -40,19 +40,19 @@ def baseline_summary(records: list[Record]) -> dict[str, Any]:
 def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None:
     import pandas as pd
 
-    pd.DataFrame([
+    atomic_write_text(run_dir / "trajectories.csv", pd.DataFrame([
         {"prompt_idx": r.prompt_idx, "seed": r.seed, "step": k, "timestep": t, "d": d, "scale": s,
          "norm_c": r.norm_c[k] if r.norm_c else None, "norm_u": r.norm_u[k] if r.norm_u else None}
         for r in records for k, (t, d, s) in enumerate(zip(r.timesteps, r.d, r.scale))
-    ]).to_csv(run_dir / "trajectories.csv", index=False)
-    pd.DataFrame([
+    ]).to_csv(index=False))
+    atomic_write_text(run_dir / "generations.csv", pd.DataFrame([
         {"prompt_idx": r.prompt_idx, "prompt": r.prompt, "group": prompts.groups[r.prompt_idx],
          "reference_key": prompts.reference_keys[r.prompt_idx], "seed": r.seed, "file": f"images/{r.file}",
          "model_prompt": r.model_prompt, **(r.baseline or {}), **({"decision": r.decision} if r.decision else {}),
          "transition_step": r.transition_step,
          "transition_timestep": None if r.transition_step is None else r.timesteps[r.transition_step]}
         for r in records
-    ]).astype({"transition_step": "Int64"}).to_csv(run_dir / "generations.csv", index=False)
+    ]).astype({"transition_step": "Int64"}).to_csv(index=False))
 
 
 def write_figures(run_dir: Path, records: list[Record], seeds: list[int], max_rows: int = 8, max_cols: int = 8) -> None:

@@ -23,7 +23,7 @@ def load_norms(run_dir: Path) -> pd.DataFrame:
         raise UserError(f"run_dir={str(run_dir)!r} has no trajectories.csv / generations.csv; "
                         "make it with `memguard run` first")
     traj = pd.read_csv(traj_file)
-    if "norm_c" not in traj or traj.norm_c.isna().any():
+    if "norm_c" not in traj or (traj.norm_c.isna() & traj.norm_u.isna()).any():  # (trajectory=off: one of the two)
         raise UserError(f"run_dir={str(run_dir)!r} has no recorded norm_c/norm_u in trajectories.csv (made before "
                         "memguard recorded them); make it again: delete its images/ and re-run the same command")
     gens = pd.read_csv(gens_file, usecols=["prompt_idx", "seed", "group", "transition_timestep"])
