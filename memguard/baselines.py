@@ -9,7 +9,7 @@ changes the prompt's text embedding before sampling and reports per image what i
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -68,18 +68,22 @@ class WenEmbeddingOptimization:
             raise ValueError(f"l_target={l_target}, lr={lr} must be > 0 and max_iters={max_iters} >= 0")
         self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
 
-    def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor,
-                 uncond: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, model: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x_in: Tensor, t: Tensor,
+                 cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``model(x, t, conditions)``: a family adapter (:mod:`memguard.families`); the prompt embedding optimised
+        is ``cond["encoder_hidden_states"]`` (for SDXL and SD3 the token embeddings; their pooled embeddings stay
+        as encoded)."""
         with torch.no_grad():
-            eps_u = unet(x_in, t, encoder_hidden_states=uncond).sample
-        embedding = cond.detach().clone().requires_grad_(True)
+            eps_u = model(x_in, t, uncond)
+        embedding = cond["encoder_hidden_states"].detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([embedding], lr=self.lr)
-        active = torch.ones(len(cond), dtype=torch.bool, device=cond.device)
-        iterations = torch.zeros(len(cond), dtype=torch.long, device=cond.device)
+        active = torch.ones(len(embedding), dtype=torch.bool, device=embedding.device)
+        iterations = torch.zeros(len(embedding), dtype=torch.long, device=embedding.device)
         first = final = None
         for k in range(self.max_iters + 1):
             with torch.enable_grad():
-                norms = (unet(x_in, t, encoder_hidden_states=embedding).sample - eps_u).float().flatten(1).norm(dim=1)
+                out = model(x_in, t, {**cond, "encoder_hidden_states": embedding})
+                norms = (out - eps_u).float().flatten(1).norm(dim=1)
             current = norms.detach()
             first = current.clone() if first is None else first
             final = current.clone() if final is None else torch.where(active, current, final)
@@ -95,7 +99,7 @@ class WenEmbeddingOptimization:
             iterations += active
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
                 "wen_reached_target": final <= self.l_target}
-        return embedding.detach(), info
+        return {**cond, "encoder_hidden_states": embedding.detach()}, info
 
 
 class RenAttention:
