@@ -227,6 +227,7 @@ def family_class(folder: str | Path, override: str | None = None, key: str = "mo
 def load_family(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 family: str | None = None, key: str = "model.path") -> Family:
     """Load a local diffusers model folder as its family's adapter, on ``device``; nothing is downloaded."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     folder = Path(path).expanduser()
@@ -235,10 +236,11 @@ def load_family(path: str | Path, device: str | torch.device = "cpu", dtype: tor
                         "(model_index.json and its subfolders)")
     cls = family_class(folder, family, key)
     transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     adapter = cls.load(folder, dtype)
     for module in adapter.networks:
         module.requires_grad_(False).eval()
-    return adapter.to(device, dtype)
+    return adapter.to(device)  # loaded in dtype (the SDXL VAE kept float32 where it must be)
 
 
 def random_family(name: str, seed: int = 0) -> Family:
