@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from memguard.baselines import Baselines
 from memguard.check import require_inputs
-from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
+from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
+from memguard.families import Family, family_class, load_family
 from memguard.guidance import GuidanceSchedule
 from memguard.runs.folder import Record, check_folder, existing_records, update_metrics, write_image
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
@@ -83,11 +84,12 @@ def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> Schedul
 # Generation
 
 
-def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
+def generate(components: Family, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
              image_dir: Path, progress: bool = True, baselines: Baselines | None = None) -> list[Record]:
     """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each. ``baselines`` may
-    rewrite each image's prompt, its prompt embedding, or the UNet's cross-attention."""
+    rewrite each image's prompt, its prompt embedding, or the UNet's cross-attention. ``components``: the model
+    family's adapter (:mod:`memguard.families`)."""
     baselines = baselines or Baselines()
     transform = baselines.prompt
     records = []
@@ -130,10 +132,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prompts = loaded.texts
     evaluating = cfg.evaluate and bool(planned_stages(cfg))
     device = resolve_device(cfg.device)
+    family = family_class(cfg.model.path, cfg.model.get("family"))
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
+    family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
                              for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
+    family.check_baselines(baselines, cfg.mitigation.name)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
@@ -149,7 +154,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 3. Load the model and sample what is missing
     started = time.perf_counter()
     if todo:
-        components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
+        components = load_family(cfg.model.path, device, DTYPES[cfg.dtype], cfg.model.get("family"))
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
                                cfg.batch_size, run_dir / "images", cfg.progress, baselines):
             records[(record.prompt_idx, record.seed)] = record

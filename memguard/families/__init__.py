@@ -131,22 +131,25 @@ class Family:
             module.to(device) if dtype is None else module.to(device, dtype)
         return self
 
-    def check_scheduler(self, scheduler: SchedulerMixin) -> None:
+    @classmethod
+    def check_scheduler(cls, scheduler: SchedulerMixin) -> None:
         """Raise a UserError if ``scheduler`` cannot sample this family (a flow-matching scheduler on an eps/v
         model, or the reverse)."""
         if _flow_matching(scheduler):
-            raise UserError(f"sampler={type(scheduler).__name__} is a flow-matching scheduler; a {self.name} model "
+            raise UserError(f"sampler: {type(scheduler).__name__} is a flow-matching scheduler; a {cls.name} model "
                             "predicts eps or v: use sampler=dpm, ddim, euler or pndm")
 
-    def check_baselines(self, baselines: Baselines, mitigation: str) -> None:
-        """Refuse baselines that need what this family lacks (text; attn2 cross-attention)."""
+    @classmethod
+    def check_baselines(cls, baselines: Baselines, mitigation: str) -> None:
+        """Refuse baselines that need what this family lacks: text (``mitigation.prompt``, ``.embedding``: sd, sdxl,
+        sd3) or attn2 cross-attention (``mitigation.attention``, Ren et al.'s: sd, sdxl)."""
         needs_text = [key for key in ("prompt", "embedding") if getattr(baselines, key) is not None]
-        if needs_text and not self.text:
+        if needs_text and not cls.text:
             raise UserError(f"mitigation={mitigation} changes the text prompt (mitigation.{needs_text[0]}), but a "
-                            f"{self.name} model is class-conditional; use a guidance schedule (none, stp, dtp, og_dtp, ...)")
-        if baselines.attention is not None and not self.cross_attention:
+                            f"{cls.name} model is class-conditional; use a guidance schedule (none, stp, dtp, og_dtp, ...)")
+        if baselines.attention is not None and not cls.cross_attention:
             raise UserError(f"mitigation={mitigation} edits the denoiser's text cross-attention (mitigation.attention), "
-                            f"which a {self.name} model does not have ({'joint attention' if self.text else 'no text'}); "
+                            f"which a {cls.name} model does not have ({'joint attention' if cls.text else 'no text'}); "
                             "Ren et al.'s baseline runs on the sd and sdxl families")
 
     # -- the family's diffusers pipeline, random and saved folders ------------------------------------------------

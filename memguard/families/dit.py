@@ -42,8 +42,7 @@ class DiT(Family):
                  id2label: dict[int | str, str] | None = None) -> None:
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.id2label = {int(k): v for k, v in (id2label or {}).items()}
-        # label -> id as DiTPipeline builds it: every comma-separated name of every class (pipeline_dit.py 69-74)
-        self.labels = {name.strip(): i for i, names in self.id2label.items() for name in names.split(",")}
+        self.labels = labels_of(self.id2label)
 
     @property
     def denoiser(self) -> torch.nn.Module:  # type: ignore[override]
@@ -54,21 +53,8 @@ class DiT(Family):
         return int(self.transformer.config.num_embeds_ada_norm)
 
     def class_id(self, prompt: str) -> int:
-        """The class a prompt names: an id ``0 .. null_class - 1``, a label, or text ending in a label (the
-        longest such label, at a word boundary). A prompt naming none is a UserError."""
-        text = prompt.strip()
-        if text.isdigit() and int(text) < self.null_class:
-            return int(text)
-        if text in self.labels:
-            return self.labels[text]
-        endings = [label for label in self.labels if text.endswith(label) and (len(text) == len(label)
-                                                                                 or text[-len(label) - 1] == " ")]
-        if endings:
-            return self.labels[max(endings, key=len)]
-        example = next(iter(self.id2label.values()), "tench").split(",")[0]
-        raise UserError(f"prompts: {prompt!r} names no class of this class-conditional model (model_index.json "
-                        f"id2label, {len(self.id2label)} classes); give a class id 0..{self.null_class - 1}, a label "
-                        f"(e.g. {example!r}) or text ending in one (e.g. 'An image of {example}')")
+        """The class a prompt names (:func:`class_id`)."""
+        return class_id(prompt, self.labels, self.null_class)
 
     def encode(self, prompts: Sequence[str], size: int | None = None) -> Conditions:
         ids = [self.class_id(p) for p in prompts]
@@ -131,6 +117,30 @@ class DiT(Family):
         index["id2label"] = {str(k): v for k, v in self.id2label.items()}
         index_file.write_text(json.dumps(index, indent=2) + "\n")
         return Path(folder)
+
+
+def labels_of(id2label: dict[int | str, str] | None) -> dict[str, int]:
+    """Label -> class id as ``DiTPipeline`` builds it: every comma-separated name of every class (pipeline_dit.py
+    lines 69-74; a name two classes share, such as ImageNet's "crane", goes to the later class, as there)."""
+    return {name.strip(): int(i) for i, names in (id2label or {}).items() for name in names.split(",")}
+
+
+def class_id(prompt: str, labels: dict[str, int], n_classes: int) -> int:
+    """The class a prompt names: an id ``0 .. n_classes - 1``, a label, or text ending in a label (the longest
+    such label, at a word boundary: "An image of French horn" is "French horn", not "horn"). Else a UserError."""
+    text = prompt.strip()
+    if text.isdigit() and int(text) < n_classes:
+        return int(text)
+    if text in labels:
+        return labels[text]
+    endings = [label for label in labels
+               if text.endswith(label) and (len(text) == len(label) or text[-len(label) - 1] == " ")]
+    if endings:
+        return labels[max(endings, key=len)]
+    example = next(iter(labels), "tench")
+    raise UserError(f"prompts: {prompt!r} names no class of this class-conditional model (model_index.json id2label, "
+                    f"{len(set(labels.values()))} classes); give a class id 0..{n_classes - 1}, a label (e.g. "
+                    f"{example!r}) or text ending in one (e.g. 'An image of {example}')")
 
 
 def imagenet_classes() -> list[str]:

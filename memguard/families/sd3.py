@@ -103,7 +103,8 @@ class SD3(Family):
         sigmas = [float(s) for s in scheduler.sigmas[: len(scheduler.timesteps)].cpu()]
         return [1.0 - s for s in sigmas], [1.0] * len(sigmas)
 
-    def check_scheduler(self, scheduler: Any) -> None:
+    @classmethod
+    def check_scheduler(cls, scheduler: Any) -> None:
         if not _flow_matching(scheduler):
             raise UserError(f"sampler: {type(scheduler).__name__} cannot sample an sd3 model (rectified flow, velocity "
                             "prediction); use sampler=flow_euler")
