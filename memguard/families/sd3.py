@@ -1,6 +1,6 @@
 """The ``sd3`` family: Stable Diffusion 3 (``StableDiffusion3Pipeline``, e.g.
 ``stabilityai/stable-diffusion-3-medium-diffusers``), an MMDiT (``SD3Transformer2DModel``) trained by rectified flow
-and sampled with ``FlowMatchEulerDiscreteScheduler`` (``sampler=flow_euler``).
+and sampled with ``FlowMatchEulerDiscreteScheduler`` (``sampler=flow``).
 
 Condition, as pipeline_stable_diffusion_3.py ``encode_prompt`` (lines 430-464): each CLIP encoder's penultimate
 hidden state of the prompt (77 tokens), concatenated along features and zero-padded to T5's width, followed along
@@ -107,7 +107,7 @@ class SD3(Family):
     def check_scheduler(cls, scheduler: Any) -> None:
         if not _flow_matching(scheduler):
             raise UserError(f"sampler: {type(scheduler).__name__} cannot sample an sd3 model (rectified flow, velocity "
-                            "prediction); use sampler=flow_euler")
+                            "prediction); use sampler=flow")
         if scheduler.config.get("use_dynamic_shifting"):
             raise UserError("sampler.scheduler: use_dynamic_shifting=true needs the pipeline's resolution-dependent "
                             "shift, which memguard does not compute; set sampler.scheduler.+use_dynamic_shifting=false")
