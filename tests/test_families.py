@@ -49,7 +49,8 @@ def pipeline_images(family, scheduler, name: str, scale: float) -> torch.Tensor:
     generators = [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
     if name == "dit":  # class ids, as DiTPipeline takes them
         labels = [family.class_id(p) for p in prompts_for(name)]
-        return pipe(labels, guidance_scale=scale, num_inference_steps=STEPS, generator=generators, output_type="pt").images
+        return pipe(labels, guidance_scale=scale, num_inference_steps=STEPS, generator=generators,
+                    output_type="pt").images
     return pipe(PROMPTS, guidance_scale=scale, num_inference_steps=STEPS, generator=generators, output_type="pt").images
 
 
@@ -141,7 +142,8 @@ def test_every_mitigation_runs_or_is_refused(families: dict, name: str, tmp_path
         family.check_scheduler(scheduler)
         schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
         baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
-                                 for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
+                                 for key in ("prompt", "embedding", "attention")
+                                 if cfg.mitigation.get(key) is not None})
         if not applies.get(mitigation, True):
             with pytest.raises(UserError, match=rf"mitigation={mitigation} .*a {name} model"):
                 family.check_baselines(baselines, mitigation)
@@ -202,7 +204,7 @@ def test_run_refuses_what_a_family_cannot_take(folders: dict, tmp_path: Path) ->
                                "images_per_prompt=1", "sampler.steps=2", f"run_dir={tmp_path / name}",
                                "progress=false", *extra])
 
-    with pytest.raises(UserError, match=r"mitigation=rand_word changes the text prompt .* dit model is class-conditional"):
+    with pytest.raises(UserError, match=r"mitigation=rand_word changes the text prompt .* dit model is class-cond"):
         run(config("dit", "mitigation=rand_word"))
     with pytest.raises(UserError, match=r"mitigation=ren .* sd3 model does not have \(joint attention\)"):
         run(config("sd3", "mitigation=ren", "sampler=flow"))

@@ -146,10 +146,11 @@ class Family:
         needs_text = [key for key in ("prompt", "embedding") if getattr(baselines, key) is not None]
         if needs_text and not cls.text:
             raise UserError(f"mitigation={mitigation} changes the text prompt (mitigation.{needs_text[0]}), but a "
-                            f"{cls.name} model is class-conditional; use a guidance schedule (none, stp, dtp, og_dtp, ...)")
+                            f"{cls.name} model is class-conditional; use a guidance schedule "
+                            "(none, stp, dtp, og_dtp, ...)")
         if baselines.attention is not None and not cls.cross_attention:
-            raise UserError(f"mitigation={mitigation} edits the denoiser's text cross-attention (mitigation.attention), "
-                            f"which a {cls.name} model does not have ({'joint attention' if cls.text else 'no text'}); "
+            raise UserError(f"mitigation={mitigation} edits the denoiser's text cross-attention "
+                            f"(mitigation.attention), which a {cls.name} model does not have ({'joint attention' if cls.text else 'no text'}); "
                             "Ren et al.'s baseline runs on the sd and sdxl families")
 
     # -- the family's diffusers pipeline, random and saved folders ------------------------------------------------

@@ -78,9 +78,10 @@ class DiT(Family):
 
     @classmethod
     def random(cls, seed: int = 0) -> DiT:
-        """A tiny DiT after diffusers' tests/pipelines/dit/test_dit.py ``get_dummy_components`` (lines 48-64):
-        2 layers, 2 heads of 8, patch 2, learned variance (8 output channels), 1000 classes + the null class;
-        8x8 latents of a 2x VAE (16 px images); DDIM scheduler with its defaults; ImageNet's class names."""
+        """A tiny DiT after diffusers' tests/pipelines/dit/test_dit.py ``get_dummy_components`` (lines 55-74 at
+        diffusers commit 58eb52c): 2 layers, 2 heads of 8, learned variance (8 output channels), 1000 classes +
+        the null class, DDIM scheduler with its defaults; here patch 2 over 8x8 latents of a small 2x VAE (16 px
+        images; theirs: patch 4 over 16x16 latents of the default VAE) and ImageNet's class names."""
         from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
         torch.manual_seed(seed)

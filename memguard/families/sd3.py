@@ -2,16 +2,17 @@
 ``stabilityai/stable-diffusion-3-medium-diffusers``), an MMDiT (``SD3Transformer2DModel``) trained by rectified flow
 and sampled with ``FlowMatchEulerDiscreteScheduler`` (``sampler=flow``).
 
-Condition, as pipeline_stable_diffusion_3.py ``encode_prompt`` (lines 430-464): each CLIP encoder's penultimate
+Condition, as pipeline_stable_diffusion_3.py ``encode_prompt`` (lines 428-464): each CLIP encoder's penultimate
 hidden state of the prompt (77 tokens), concatenated along features and zero-padded to T5's width, followed along
 the sequence by T5's last hidden state (256 tokens, ``max_sequence_length``); pooled: the two CLIP projections
 concatenated. Null condition: the same encoding of ``""`` (lines 466-519). Without ``text_encoder_3`` (allowed by
 diffusers: ``model_index.json`` ``text_encoder_3: null``) the T5 part is zeros, as the pipeline makes it (lines
-242-252); memguard does the same and says so once in the log.
+247-256); memguard does the same and says so once in the log.
 
 **d_t in eps units.** Flow matching interpolates ``x_sigma = (1 - sigma) x0 + sigma eps`` and the model predicts
 the velocity ``v = dx/dsigma = eps - x0`` (the scheduler steps ``x <- x + (sigma' - sigma) v``,
-scheduling_flow_match_euler_discrete.py line 520). Given ``x_sigma`` and ``v``: ``x0 = x_sigma - sigma v`` and
+scheduling_flow_match_euler_discrete.py line 520;
+its stochastic branch reads ``x0 = x - sigma v``, line 516). Given ``x_sigma`` and ``v``: ``x0 = x_sigma - sigma v`` and
 ``eps = x_sigma + (1 - sigma) v``, so
 
     eps_c - eps_u = (1 - sigma) (v_c - v_u),        d_t = (1 - sigma)^2 ||v_c - v_u||^2
@@ -56,8 +57,9 @@ class SD3(Family):
             text_encoder, tokenizer, text_encoder_2, tokenizer_2)
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
         if text_encoder_3 is None:
-            log.warning("model_index.json has text_encoder_3 null: the T5 part of every prompt's condition is zeros, as "
-                        "StableDiffusion3Pipeline makes it; add text_encoder_3/ and tokenizer_3/ for the full model")
+            log.warning("model_index.json has text_encoder_3 null: the T5 part of every prompt's condition is "
+                        "zeros, as StableDiffusion3Pipeline makes it; add text_encoder_3/ and tokenizer_3/ for the "
+                        "full model")
 
     @property
     def denoiser(self) -> torch.nn.Module:  # type: ignore[override]
@@ -126,8 +128,8 @@ class SD3(Family):
     @classmethod
     def random(cls, seed: int = 0, t5: bool = True) -> SD3:
         """A tiny SD3 after diffusers' tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py
-        ``get_dummy_components`` (lines 35-105): a 1-layer MMDiT (4 heads of 8, joint width 32, pooled 64), two
-        CLIP encoders with 32-d projections, a 2-layer T5 encoder of width 32, a VAE with SD3's shift and scaling
+        ``get_dummy_components`` (lines 48-117 at diffusers commit 58eb52c): a 1-layer MMDiT (4 heads of 8,
+        joint width 32, pooled 64), two CLIP encoders with 32-d projections, a 2-layer T5 encoder of width 32, a VAE with SD3's shift and scaling
         factors. Unlike theirs, nothing comes from the hub: the CLIP tokenizers are the real CLIP BPE
         (:func:`~memguard.components.clip_tokenizer`), T5's is :func:`t5_tokenizer` (built here, no
         sentencepiece file); the CLIP encoders are 16 wide so their concatenation is T5's width (theirs, 64, is
@@ -148,7 +150,8 @@ class SD3(Family):
             max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=49406,
             eos_token_id=49407, pad_token_id=49407,
         )
-        text_encoder, text_encoder_2 = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
+        text_encoder = CLIPTextModelWithProjection(clip_config)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
         tokenizer_3 = t5_tokenizer() if t5 else None
         text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
@@ -191,7 +194,7 @@ def t5_tokenizer(words: Iterable[str] | None = None) -> Any:
 
     if words is None:
         words = {w for name in imagenet_classes() for w in name.lower().replace("-", " ").split()}
-        words |= {"a", "an", "the", "of", "on", "in", "photo", "image", "painting", "red", "green", "blue", "cat", "dog"}
+        words |= {"a", "an", "the", "of", "on", "in", "photo", "image", "painting", "red", "green", "blue", "cat"}
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
     pieces += [("\u2581" + w, -1.0) for w in sorted(set(words)) if w]

@@ -56,8 +56,8 @@ class SDXL(Family):
 
     @torch.no_grad()
     def _embed(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        pairs = [(tok, enc) for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
-                 if enc is not None]
+        pairs = [(tok, enc) for tok, enc in ((self.tokenizer, self.text_encoder),
+                                             (self.tokenizer_2, self.text_encoder_2)) if enc is not None]
         hidden, pooled = [], None
         for tokenizer, encoder in pairs:
             ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
@@ -103,8 +103,8 @@ class SDXL(Family):
     @classmethod
     def random(cls, seed: int = 0) -> SDXL:
         """A tiny SDXL after diffusers' tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py
-        ``get_dummy_components`` (lines 76-130): UNet with ``text_time`` added conditioning (time-embedding 8 per
-        id, 6 ids + the 32-d pooled projection = 80), cross-attention 64 = two 32-d encoders; here with the real
+        ``get_dummy_components`` (lines 84-154 at diffusers commit 58eb52c): UNet with ``text_time`` added
+        conditioning (time-embedding 8 per id, 6 ids + the 32-d pooled projection = 80), cross-attention 64 = two 32-d encoders; here with the real
         CLIP tokenizer (tokenizer_2 pads with ``!``, as SDXL's), 2-layer encoders, 16x16 latents of a 2x VAE
         (32 px images), SDXL's Euler scheduler config."""
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -115,7 +115,8 @@ class SDXL(Family):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
             cross_attention_dim=64, norm_num_groups=32,
