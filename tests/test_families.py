@@ -223,3 +223,23 @@ def test_random_model_command_writes_each_family(tmp_path: Path, capsys: pytest.
     assert family_name(tmp_path / "sd3") == "sd3" and "sd3 folder" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--family 'flux' is not a model family"):
         main(["random-model", str(tmp_path / "x"), "--family", "flux"])
+
+
+def test_transition_points_as_a_fraction_of_the_timestep_range(families: dict) -> None:
+    """STP and interval timesteps are the scheduler's own (SD3: 1000 sigma), or a fraction of their range."""
+    from memguard.guidance import Interval, StaticTransition
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(families["sd3"].scheduler.config)
+    scheduler.set_timesteps(20)
+    d = torch.zeros(1, 1)
+    pairs = ((StaticTransition(0.5, 7.0, 7.0, fraction=True), StaticTransition(500, 7.0, 7.0)),
+             (Interval(0.7, 0.2, 7.0, fraction=True), Interval(700, 200, 7.0)))
+    for as_fraction, in_timesteps in pairs:
+        with pytest.raises(ValueError, match="needs check_timesteps"):
+            as_fraction(0, 1000.0, d)
+        as_fraction.check_timesteps(scheduler.config.num_train_timesteps)
+        scales = [as_fraction(k, float(t), d).item() for k, t in enumerate(scheduler.timesteps)]
+        assert scales == [in_timesteps(k, float(t), d).item() for k, t in enumerate(scheduler.timesteps)]
+        assert len(set(scales)) == 2  # it switches inside the trajectory
+    with pytest.raises(ValueError, match=r"tau=500.0 is outside \[0, 1\]; with fraction=true"):
+        StaticTransition(500, 7.0, fraction=True)
