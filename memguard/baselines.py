@@ -72,18 +72,22 @@ class WenEmbeddingOptimization:
             raise ValueError(f"l_target={l_target}, lr={lr} must be > 0 and max_iters={max_iters} >= 0")
         self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
 
-    def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor,
-                 uncond: Tensor, **_: object) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, model: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x_in: Tensor, t: Tensor,
+                 cond: dict[str, Tensor], uncond: dict[str, Tensor], **_: object) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``model(x, t, conditions)``: a family adapter (:mod:`memguard.families`); the prompt embedding optimised
+        is ``cond["encoder_hidden_states"]`` (for SDXL and SD3 the token embeddings; their pooled embeddings stay
+        as encoded)."""
         with torch.no_grad():
-            eps_u = unet(x_in, t, encoder_hidden_states=uncond).sample
-        embedding = cond.detach().clone().requires_grad_(True)
+            eps_u = model(x_in, t, uncond)
+        embedding = cond["encoder_hidden_states"].detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([embedding], lr=self.lr)
-        active = torch.ones(len(cond), dtype=torch.bool, device=cond.device)
-        iterations = torch.zeros(len(cond), dtype=torch.long, device=cond.device)
+        active = torch.ones(len(embedding), dtype=torch.bool, device=embedding.device)
+        iterations = torch.zeros(len(embedding), dtype=torch.long, device=embedding.device)
         first = final = None
         for k in range(self.max_iters + 1):
             with torch.enable_grad():
-                norms = (unet(x_in, t, encoder_hidden_states=embedding).sample - eps_u).float().flatten(1).norm(dim=1)
+                out = model(x_in, t, {**cond, "encoder_hidden_states": embedding})
+                norms = (out - eps_u).float().flatten(1).norm(dim=1)
             current = norms.detach()
             first = current.clone() if first is None else first
             final = current.clone() if final is None else torch.where(active, current, final)
@@ -99,7 +103,7 @@ class WenEmbeddingOptimization:
             iterations += active
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
                 "wen_reached_target": final <= self.l_target}
-        return embedding.detach(), info
+        return {**cond, "encoder_hidden_states": embedding.detach()}, info
 
 
 class WenSharedEmbedding:
@@ -126,36 +130,43 @@ class WenSharedEmbedding:
         self.seeds: list[int] | None = None
         self._cache: dict[tuple, tuple[Tensor, dict[str, float]]] = {}
 
-    def __call__(self, unet: torch.nn.Module, x_in: Tensor, t: Tensor, cond: Tensor, uncond: Tensor,
-                 prompts: Sequence[str] = (), seeds: Sequence[int] = (),
-                 model_input: Callable[[Sequence[int]], Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``model_input(seeds)``: the first step's scaled model input for those seeds (as ``x_in`` is drawn)."""
-        if model_input is None or len(prompts) != len(cond):
+    def __call__(self, model: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x_in: Tensor, t: Tensor,
+                 cond: dict[str, Tensor], uncond: dict[str, Tensor], prompts: Sequence[str] = (),
+                 seeds: Sequence[int] = (), model_input: Callable[[Sequence[int]], Tensor] | None = None,
+                 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``model(x, t, conditions)``: a family adapter (:mod:`memguard.families`), whose
+        ``cond["encoder_hidden_states"]`` is optimised (SDXL's and SD3's pooled embeddings stay as encoded);
+        ``model_input(seeds)``: the first step's scaled model input for those seeds (as ``x_in`` is drawn)."""
+        embeddings = cond["encoder_hidden_states"]
+        if model_input is None or len(prompts) != len(embeddings):
             raise ValueError("WenSharedEmbedding needs the batch's prompts and a model_input(seeds) function")
         image_set = list(self.seeds if self.seeds is not None else seeds)
         rows, infos = [], []
         for i, prompt in enumerate(prompts):
             key = (prompt, tuple(image_set), float(t), tuple(x_in.shape[1:]))
             if key not in self._cache:
-                self._cache[key] = self.optimise(unet, model_input(image_set), t, cond[i : i + 1], uncond[i : i + 1])
+                one = lambda conditions: {k: v[i : i + 1] for k, v in conditions.items()}  # noqa: E731
+                self._cache[key] = self.optimise(model, model_input(image_set), t, one(cond), one(uncond))
             rows.append(self._cache[key][0])
             infos.append(self._cache[key][1])
-        info = {k: torch.tensor([row[k] for row in infos], device=cond.device) for k in infos[0]}
-        return torch.cat(rows).to(cond.dtype), info
+        info = {k: torch.tensor([row[k] for row in infos], device=embeddings.device) for k in infos[0]}
+        return {**cond, "encoder_hidden_states": torch.cat(rows).to(embeddings.dtype)}, info
 
-    def optimise(self, unet: torch.nn.Module, x_set: Tensor, t: Tensor, cond: Tensor,
-                 uncond: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """One prompt's shared embedding ``(1, L, D)`` for the set's model inputs ``x_set`` ``(N, C, h, w)``."""
+    def optimise(self, model: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x_set: Tensor, t: Tensor,
+                 cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """One prompt's shared embedding ``(1, L, D)`` for the set's model inputs ``x_set`` ``(N, C, h, w)``
+        (``cond``, ``uncond``: that prompt's conditions, one row each)."""
         n = len(x_set)
+        repeat = lambda conditions: {k: v.expand(n, *v.shape[1:]) for k, v in conditions.items()}  # noqa: E731
         with torch.no_grad():
-            eps_u = unet(x_set, t, encoder_hidden_states=uncond.expand(n, -1, -1)).sample
-        embedding = cond.detach().clone().requires_grad_(True)
+            eps_u = model(x_set, t, repeat(uncond))
+        embedding = cond["encoder_hidden_states"].detach().clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([embedding], lr=self.lr)
         first = current = None
         iterations = 0
         for k in range(self.max_iters + 1):
             with torch.enable_grad():
-                eps_c = unet(x_set, t, encoder_hidden_states=embedding.expand(n, -1, -1)).sample
+                eps_c = model(x_set, t, repeat({**cond, "encoder_hidden_states": embedding}))
                 loss = (eps_c - eps_u).float().norm(p=2)
             current = float(loss.detach())
             first = current if first is None else first

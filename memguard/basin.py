@@ -21,6 +21,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
+from memguard.families import Conditions, Family
 from memguard.guidance import GuidanceSchedule
 from memguard.sampling import Trajectory, sample
 
@@ -63,10 +64,12 @@ def check_starts(starts: Sequence[int], steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def branch(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncond: Tensor, noise: Tensor,
-           starts: Sequence[int], steps: int, scale: float, opposite: float = 0.0) -> Branches:
+def branch(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Conditions | Tensor,
+           uncond: Conditions | Tensor, noise: Tensor, starts: Sequence[int], steps: int, scale: float,
+           opposite: float = 0.0) -> Branches:
     """The prefix (``s = -opposite`` throughout) and, for every start ``k``, CFG ``scale`` from step ``k``,
-    continued from the prefix's latents and scheduler state at ``k``."""
+    continued from the prefix's latents and scheduler state at ``k``. ``model``, ``cond``, ``uncond``: as for
+    :func:`~memguard.sampling.sample` (a family adapter and its conditions)."""
     wanted, kept, calls = set(starts), {}, [0]
 
     def snapshot(state: dict) -> None:
@@ -74,7 +77,7 @@ def branch(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
         if state["step"] in wanted:
             kept[state["step"]] = (state["x"].clone(), copy.deepcopy(scheduler))
 
-    prefix = sample(unet, scheduler, cond, uncond, noise, CfgFrom(steps, scale, opposite), steps, callback=snapshot)
+    prefix = sample(model, scheduler, cond, uncond, noise, CfgFrom(steps, scale, opposite), steps, callback=snapshot)
     branches = {}
     for k in starts:
         x, state = kept[k]
@@ -82,7 +85,7 @@ def branch(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
         def count(_: dict) -> None:
             calls[0] += 1
 
-        branches[k] = sample(unet, state, cond, uncond, x, CfgFrom(k, scale, opposite), steps, callback=count,
+        branches[k] = sample(model, state, cond, uncond, x, CfgFrom(k, scale, opposite), steps, callback=count,
                              start=k, prefix=prefix)
     return Branches(prefix, branches, calls[0] * noise.shape[0])
 
@@ -119,14 +122,14 @@ def _check_basin_folder(cfg, run_dir) -> None:
     from omegaconf import OmegaConf
 
     from memguard.errors import UserError
-    from memguard.runs.folder import _differences
+    from memguard.runs.folder import differences
 
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         return
     old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
     new = OmegaConf.to_container(cfg, resolve=True)
-    diffs = _differences({k: old.get(k) for k in FOLDER_KEYS} | {"basin.opposite": old.get("basin", {}).get("opposite")},
+    diffs = differences({k: old.get(k) for k in FOLDER_KEYS} | {"basin.opposite": old.get("basin", {}).get("opposite")},
                          {k: new.get(k) for k in FOLDER_KEYS} | {"basin.opposite": new["basin"]["opposite"]})
     if diffs:
         raise UserError(f"basin folder {run_dir} holds images made with other settings ({'; '.join(diffs)}); resume "
@@ -141,13 +144,14 @@ def basin(cfg) -> dict:
 
     from omegaconf import OmegaConf
 
-    from memguard.components import load_components, load_scheduler, resolve_device
+    from memguard.components import load_scheduler, resolve_device
     from memguard.errors import UserError, instantiate_checked
     from memguard.evaluate import STAGES, planned_stages, reference_files
     from memguard.runner import DTYPES, build_scheduler, check_settings
     from memguard.runs.folder import Record, read_record, update_metrics, write_image
     from memguard.runs.prompts import load_prompts, load_seeds
-    from memguard.sampling import decode, encode_prompts, initial_noise
+    from memguard.families import family_class, load_family
+    from memguard.sampling import decode, initial_noise
 
     log = logging.getLogger(__name__)
     # 1. Inputs
@@ -169,7 +173,9 @@ def basin(cfg) -> dict:
     prompts = loaded.texts
     planned_stages(cfg)
     device = resolve_device(cfg.device)
+    family = family_class(cfg.model.path, cfg.model.get("family"))
     template = build_scheduler(cfg, load_scheduler(cfg.model.path))
+    family.check_scheduler(template)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
@@ -196,19 +202,18 @@ def basin(cfg) -> dict:
     # 3. One shared prefix per image, its branches; only missing files are written
     started, evaluations = time.perf_counter(), 0
     if todo:
-        components = load_components(cfg.model.path, device, DTYPES[cfg.dtype])
-        unet, factor = components.unet, components.vae_scale_factor
-        side = cfg.resolution or components.default_resolution
+        model = load_family(cfg.model.path, device, DTYPES[cfg.dtype], cfg.model.get("family"))
+        factor, denoiser = model.vae_scale_factor, model.denoiser
+        side = cfg.resolution or model.default_resolution
         for first in range(0, len(todo), cfg.batch_size):
             batch = todo[first : first + cfg.batch_size]
-            cond = encode_prompts(components, [prompts[i] for i, _ in batch])
-            uncond = encode_prompts(components, [""]).expand_as(cond)
-            noise = initial_noise([s for _, s in batch], (unet.config.in_channels, side // factor, side // factor),
-                                  unet.device, unet.dtype)
-            result = branch(unet, copy.deepcopy(template), cond, uncond, noise, starts, steps, scale, opposite)
+            cond, uncond = model.encode([prompts[i] for i, _ in batch], side), model.null(len(batch), side)
+            noise = initial_noise([s for _, s in batch], (model.latent_channels, side // factor, side // factor),
+                                  denoiser.device, denoiser.dtype)
+            result = branch(model, copy.deepcopy(template), cond, uncond, noise, starts, steps, scale, opposite)
             evaluations += result.evaluations
             for k, traj in [(None, result.prefix), *result.branches.items()]:
-                images = decode(components, traj.latents)
+                images = decode(model, traj.latents)
                 d, s = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
                 for j, (idx, seed) in enumerate(batch):
                     if (idx, seed, k) not in records:

@@ -43,6 +43,10 @@ COMPONENT_FILES = {
     "tokenizer": ("tokenizer_config.json", ("vocab.json", "tokenizer.json")),
     "scheduler": ("scheduler_config.json", ()),
 }
+# the other families' components (memguard/families): SDXL's and SD3's extra encoders, SD3's and DiT's transformer
+COMPONENT_FILES |= {"transformer": COMPONENT_FILES["unet"], "text_encoder_2": COMPONENT_FILES["text_encoder"],
+                    "text_encoder_3": COMPONENT_FILES["text_encoder"], "tokenizer_2": COMPONENT_FILES["tokenizer"],
+                    "tokenizer_3": ("tokenizer_config.json", ("tokenizer.json", "spiece.model"))}
 
 
 @dataclass
@@ -112,9 +116,21 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
         report.problems.append(f"{err}{source(cfg, 'model')}")
         return None
     wrong = []
+    components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # an sd folder's, where no index says more
     if not (folder / "model_index.json").is_file():
         wrong.append("model_index.json is missing")
-    for component, (config, weights) in COMPONENT_FILES.items():
+    else:
+        from memguard.families import family_class, read_model_index
+
+        try:
+            family = family_class(folder, cfg.model.get("family"))
+        except UserError as err:
+            report.problems.append(str(err))
+            return None
+        index = read_model_index(folder)
+        components = tuple(c for c in family.subfolders if index.get(c) not in (None, [None, None]))
+    for component in components:
+        config, weights = COMPONENT_FILES[component]
         if component == "vae" and _pixel_space(folder):
             continue
         sub = folder / component
@@ -157,6 +173,8 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
         i, first = duplicates[0]
         report.warnings.append(f"{len(duplicates)} duplicate prompt(s), e.g. prompt {i} = prompt {first} "
                                f"{texts[i][:60]!r}; each is generated (and scored) again")
+    if model is not None and _class_conditional(cfg, model, texts, report):
+        return loaded
     tokenizer = _tokenizer(model)
     # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens
     long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS
@@ -165,6 +183,27 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
         report.warnings.append(f"{len(long)} prompt(s) longer than {CLIP_TOKENS} CLIP tokens are truncated by the "
                                f"text encoder (prompt {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''})")
     return loaded
+
+
+def _class_conditional(cfg: DictConfig, model: Path, texts: list[str], report: Report) -> bool:
+    """For a class-conditional model (dit): every prompt must name one of its classes; True if it is one."""
+    from memguard.families import family_class, read_model_index
+    from memguard.families.dit import class_id, labels_of
+
+    if family_class(model, cfg.model.get("family")).text:
+        return False
+    labels = labels_of(read_model_index(model).get("id2label"))
+    n_classes = json.loads((model / "transformer" / "config.json").read_text()).get("num_embeds_ada_norm") or 1000
+    unknown = []
+    for text in texts:
+        try:
+            class_id(text, labels, n_classes)
+        except UserError as err:
+            unknown.append(str(err) if not unknown else repr(text))
+    if unknown:
+        report.problems.append(unknown[0] + (f" (also: {', '.join(unknown[1:6])}{' ...' if len(unknown) > 6 else ''})"
+                                             if len(unknown) > 1 else ""))
+    return True
 
 
 def _tokenizer(model: Path | None) -> Any:
@@ -269,7 +308,8 @@ def check_disk(cfg: DictConfig, report: Report, n_images: int, model: Path | Non
 
 def _model_resolution(model: Path | None) -> int | None:
     try:
-        unet = json.loads((model / "unet" / "config.json").read_text())
+        denoiser = model / "unet" if (model / "unet").is_dir() else model / "transformer"
+        unet = json.loads((denoiser / "config.json").read_text())
         vae_file = model / "vae" / "config.json"
         factor = 2 ** (len(json.loads(vae_file.read_text())["block_out_channels"]) - 1) if vae_file.is_file() else 1
         return int(unet["sample_size"]) * factor

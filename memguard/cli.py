@@ -9,7 +9,7 @@
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
     memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run
     memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
-    memguard random-model DIR [--seed N]    write a tiny random-weight SD folder (tests, demos, benchmarks)
+    memguard random-model DIR [--family F]  write a tiny random-weight folder, F = sd|sdxl|sd3|dit (tests, demos)
 
 A plain ``@hydra.main`` would read the sub-command word as an override; here it is taken off ``sys.argv``
 first. User errors print one line (``memguard: error: ...``) and exit 2; ``HYDRA_FULL_ERROR=1`` shows the
@@ -82,16 +82,32 @@ def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) 
 
 def _random_model(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="memguard random-model",
-                                     description="Write a tiny random-weight Stable Diffusion folder.")
+                                     description="Write a tiny random-weight model folder of a family.")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", default="sd", help="sd (default), sdxl, sd3 or dit")
+    parser.add_argument("--no-t5", action="store_true", help="sd3 only: without its third (T5) text encoder")
     options = parser.parse_args(args)
     if options.folder.exists() and any(options.folder.iterdir()):
         raise SystemExit(f"memguard: error: {options.folder} exists and is not empty; choose another folder")
-    from memguard.components import random_components, save_components
+    from diffusers.utils import logging as diffusers_logging
 
-    save_components(random_components(seed=options.seed), options.folder)
-    print(f"wrote a random-weight tiny SD folder (it memorizes nothing) to {options.folder}")
+    from memguard.families import FAMILIES, random_family
+
+    if options.family not in FAMILIES:
+        raise SystemExit(f"memguard: error: --family {options.family!r} is not a model family; use one of "
+                         f"{', '.join(FAMILIES)}")
+    if options.no_t5 and options.family != "sd3":
+        raise SystemExit("memguard: error: --no-t5 applies to --family sd3 only")
+    diffusers_logging.disable_progress_bar()
+    if options.no_t5:
+        from memguard.families.sd3 import SD3
+
+        model = SD3.random(options.seed, t5=False)
+    else:
+        model = random_family(options.family, options.seed)
+    model.save(options.folder)
+    print(f"wrote a random-weight tiny {options.family} folder (it memorizes nothing) to {options.folder}")
 
 
 def _tables(args: list[str]) -> None:

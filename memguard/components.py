@@ -119,7 +119,9 @@ def load_scheduler(folder: str | Path, key: str = "model.path") -> SchedulerMixi
     """The folder's own scheduler class and config (e.g. PNDM for SD 1.4, DDIM for SD 2.1)."""
     import diffusers
 
-    folder = check_model_folder(folder, key)
+    folder = Path(folder).expanduser()
+    if not (folder / "scheduler").is_dir():  # any family's folder (sd, sdxl, sd3, dit) has one
+        raise UserError(f"{key}={str(folder)!r} lacks scheduler/; {FOLDER_HELP}")
     try:
         config = diffusers.DDIMScheduler.load_config(folder, subfolder="scheduler")
     except (OSError, ValueError) as err:

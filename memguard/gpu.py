@@ -1,4 +1,4 @@
-"""The GPU path of a run: the VAE's dtype, ``torch.compile`` of the UNet, and ``batch_size=auto``.
+"""The GPU path of a run: the VAE's dtype, ``torch.compile`` of the denoiser, and ``batch_size=auto``.
 
 Attention needs nothing here: diffusers' ``Attention`` modules default to ``AttnProcessor2_0``, which calls
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on a GPU) wherever torch
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from memguard.components import Components
+from memguard.families import Family, join
 from memguard.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,30 +55,30 @@ def check_compiler(device: torch.device) -> None:
                             f"(g++, or CXX=...; {type(err).__name__}); {fix}") from err
 
 
-def vae_dtype(name: str | None, dtype: torch.dtype, components: Components) -> torch.dtype | None:
+def vae_dtype(name: str | None, dtype: torch.dtype, family: Family) -> torch.dtype | None:
     """The VAE's dtype: ``name`` if given; else ``dtype``, except float32 where ``dtype`` is float16 and the VAE's
     config sets ``force_upcast`` (diffusers' rule, ``pipeline_stable_diffusion_xl.py`` ``needs_upcasting =
     self.vae.dtype == torch.float16 and self.vae.config.force_upcast``; SD 1.x/2.x VAE configs get diffusers'
     default ``force_upcast=True``). None for a pixel-space model."""
-    if components.vae is None:
+    if family.vae is None:
         return None
     if name is not None:
         return getattr(torch, name)
-    return torch.float32 if dtype == torch.float16 and components.vae.config.get("force_upcast", True) else dtype
+    return torch.float32 if dtype == torch.float16 and family.vae.config.get("force_upcast", True) else dtype
 
 
-def prepare_components(components: Components, cfg: DictConfig, images: int) -> tuple[Components, int]:
+def prepare_model(family: Family, cfg: DictConfig, images: int) -> tuple[Family, int]:
     """Set the VAE's dtype, find the batch size (:func:`batch_size_for`) and, with ``compile=true``, compile the
-    UNet in place (``nn.Module.compile``: the module and its attributes stay; the first batch of each shape pays
-    the compile time). Returns the components and the batch size."""
-    target = vae_dtype(cfg.vae_dtype, getattr(torch, cfg.dtype), components)
-    if target is not None and components.vae.dtype != target:
-        components.vae.to(target)
+    denoiser in place (``nn.Module.compile``: the module and its attributes stay; the first batch of each shape
+    pays the compile time). Returns the family adapter and the batch size."""
+    target = vae_dtype(cfg.vae_dtype, getattr(torch, cfg.dtype), family)
+    if target is not None and family.vae.dtype != target:
+        family.vae.to(target)
         log.info("VAE in %s (dtype=%s)", str(target).removeprefix("torch."), cfg.dtype)
-    batch_size = batch_size_for(cfg, components, images)  # probed before compiling: no compile per probe shape
+    batch_size = batch_size_for(cfg, family, images)  # probed before compiling: no compile per probe shape
     if cfg.compile:
-        components.unet.compile()
-    return components, batch_size
+        family.denoiser.compile()
+    return family, batch_size
 
 
 def largest_power_of_two(fits: Callable[[int], bool], cap: int) -> int:
@@ -90,11 +90,12 @@ def largest_power_of_two(fits: Callable[[int], bool], cap: int) -> int:
     return n
 
 
-def cuda_fits(components: Components, side: int, headroom: float = 0.9) -> Callable[[int], bool]:
-    """Whether ``n`` images fit: one UNet call on both branches (``2n`` samples) and one VAE decode of ``n``, with
-    the peak under ``headroom`` of the device's memory (sampling holds a few more tensors than the probe)."""
-    unet, vae, device = components.unet, components.vae, components.unet.device
-    latent = side // components.vae_scale_factor
+def cuda_fits(family: Family, side: int, headroom: float = 0.9) -> Callable[[int], bool]:
+    """Whether ``n`` images fit: one denoiser call on both branches (``2n`` samples, the family's null condition
+    in both) and one VAE decode of ``n``, with the peak under ``headroom`` of the device's memory (sampling holds
+    a few more tensors than the probe)."""
+    denoiser, vae = family.denoiser, family.vae
+    device, latent = denoiser.device, side // family.vae_scale_factor
     total = torch.cuda.get_device_properties(device).total_memory
 
     @torch.no_grad()
@@ -102,9 +103,9 @@ def cuda_fits(components: Components, side: int, headroom: float = 0.9) -> Calla
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            x = torch.randn(2 * n, unet.config.in_channels, latent, latent, device=device, dtype=unet.dtype)
-            text = torch.zeros(2 * n, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
-            unet(x, 500, encoder_hidden_states=text, return_dict=False)
+            x = torch.randn(2 * n, family.latent_channels, latent, latent, device=device, dtype=denoiser.dtype)
+            null = family.null(n, side)
+            family(x, torch.tensor(500.0, device=device), join(null, null))
             if vae is not None:
                 vae.decode(x[:n].to(vae.dtype), return_dict=False)
             torch.cuda.synchronize(device)
@@ -117,20 +118,20 @@ def cuda_fits(components: Components, side: int, headroom: float = 0.9) -> Calla
     return fits
 
 
-def batch_size_for(cfg: DictConfig, components: Components, images: int) -> int:
+def batch_size_for(cfg: DictConfig, family: Family, images: int) -> int:
     """``cfg.batch_size``, or for ``auto`` the largest power of two that fits the device (probed once per model,
     resolution, dtype and device in this process; at most the next power of two above ``images``, 1024)."""
     if cfg.batch_size != "auto":
         return int(cfg.batch_size)
-    device = components.unet.device
+    device = family.denoiser.device
     if device.type != "cuda":
         log.info("batch_size=auto on %s: %d (no memory probe off CUDA)", device, CPU_AUTO_BATCH)
         return CPU_AUTO_BATCH
-    side = cfg.resolution or components.default_resolution
+    side = cfg.resolution or family.default_resolution
     cap = min(1024, 2 ** math.ceil(math.log2(max(images, 1))))
     key = (str(cfg.model.path), side, cfg.dtype, cfg.vae_dtype, str(device), cap)
     if key not in _found:
-        _found[key] = largest_power_of_two(cuda_fits(components, side), cap)
+        _found[key] = largest_power_of_two(cuda_fits(family, side), cap)
         log.info("batch_size=auto on %s: %d (the largest power of two whose UNet call on both branches and VAE "
                  "decode fit in 90%% of its memory, up to %d)", device, _found[key], cap)
     return _found[key]

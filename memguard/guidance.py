@@ -82,44 +82,70 @@ class StaticTransition(GuidanceSchedule):
 
     ``opposite = 0`` gives zero guidance before the transition (mitigation ``stp``); ``opposite = lambda_og``
     gives opposite guidance, Eq. (5), before it (``og_stp``). The paper uses ``tau = 500`` for SD 2.1
-    fine-tuned on LAION-10k. Ranges: ``0 <= tau <= num_train_timesteps - 1``, ``scale >= 0``, ``opposite >= 0``.
+    fine-tuned on LAION-10k. ``tau`` is in the scheduler's timesteps (SD3's are ``1000 sigma``); with
+    ``fraction = True`` it is a fraction of their range, ``t / num_train_timesteps`` (0.5: timestep 500, SD3's
+    ``sigma = 0.5``), resolved by :meth:`check_timesteps`. Ranges: ``0 <= tau <= num_train_timesteps - 1``
+    (fraction: ``0 <= tau <= 1``), ``scale >= 0``, ``opposite >= 0``.
     """
 
     needs_d = False
 
-    def __init__(self, tau: float, scale: float, opposite: float = 0.0) -> None:
+    def __init__(self, tau: float, scale: float, opposite: float = 0.0, fraction: bool = False) -> None:
         _check_non_negative("scale", scale)
         _check_non_negative("opposite", opposite)
         self.tau, self.scale, self.opposite = float(tau), float(scale), float(opposite)
+        self.fraction, self._t = fraction, _fraction_or_timestep("tau", self.tau, fraction)
 
     def __call__(self, step: int, timestep: float, d: Tensor) -> Tensor:
-        return self._full(d, self.scale if timestep <= self.tau else -self.opposite)
+        return self._full(d, self.scale if timestep <= _resolved(self._t) else -self.opposite)
 
     def check_timesteps(self, num_train_timesteps: int) -> None:
-        _check_timestep("tau", self.tau, num_train_timesteps)
+        if self.fraction:
+            self._t = self.tau * num_train_timesteps
+        else:
+            _check_timestep("tau", self.tau, num_train_timesteps)
 
 
 class Interval(GuidanceSchedule):
     """Guidance in a timestep interval: ``s = scale`` for ``t_lo <= t <= t_hi``, else ``s = 0``.
 
-    Table 2 of the paper writes the interval as ``[t_hi, t_lo]``: ``[700, 0]`` and ``[600, 0]``.
-    Ranges: ``0 <= t_lo <= t_hi <= num_train_timesteps - 1``, ``scale >= 0``.
+    Table 2 of the paper writes the interval as ``[t_hi, t_lo]``: ``[700, 0]`` and ``[600, 0]``. ``fraction =
+    True``: both are fractions of the timestep range, as :class:`StaticTransition`'s ``tau``.
+    Ranges: ``0 <= t_lo <= t_hi <= num_train_timesteps - 1`` (fraction: ``<= 1``), ``scale >= 0``.
     """
 
     needs_d = False
 
-    def __init__(self, t_hi: float, t_lo: float, scale: float) -> None:
+    def __init__(self, t_hi: float, t_lo: float, scale: float, fraction: bool = False) -> None:
         _check_non_negative("scale", scale)
         if t_lo > t_hi:
             raise ValueError(f"t_lo={t_lo} is greater than t_hi={t_hi}; the interval is [t_hi, t_lo] with t_hi >= t_lo")
-        self.t_hi, self.t_lo, self.scale = float(t_hi), float(t_lo), float(scale)
+        self.t_hi, self.t_lo, self.scale, self.fraction = float(t_hi), float(t_lo), float(scale), fraction
+        self._hi = _fraction_or_timestep("t_hi", self.t_hi, fraction)
+        self._lo = _fraction_or_timestep("t_lo", self.t_lo, fraction)
 
     def __call__(self, step: int, timestep: float, d: Tensor) -> Tensor:
-        return self._full(d, self.scale if self.t_lo <= timestep <= self.t_hi else 0.0)
+        return self._full(d, self.scale if _resolved(self._lo) <= timestep <= _resolved(self._hi) else 0.0)
 
     def check_timesteps(self, num_train_timesteps: int) -> None:
-        _check_timestep("t_hi", self.t_hi, num_train_timesteps)
-        _check_timestep("t_lo", self.t_lo, num_train_timesteps)
+        if self.fraction:
+            self._hi, self._lo = self.t_hi * num_train_timesteps, self.t_lo * num_train_timesteps
+        else:
+            _check_timestep("t_hi", self.t_hi, num_train_timesteps)
+            _check_timestep("t_lo", self.t_lo, num_train_timesteps)
+
+
+def _fraction_or_timestep(name: str, value: float, fraction: bool) -> float | None:
+    """The timestep itself, or None for a fraction (resolved by ``check_timesteps``), checked to lie in [0, 1]."""
+    if fraction and not 0 <= value <= 1:
+        raise ValueError(f"{name}={value} is outside [0, 1]; with fraction=true it is a fraction of the timestep range")
+    return None if fraction else value
+
+
+def _resolved(timestep: float | None) -> float:
+    if timestep is None:
+        raise ValueError("a fraction=true schedule needs check_timesteps(num_train_timesteps) before it is called")
+    return timestep
 
 
 def dtp_switch_step(d: Sequence[float]) -> int | None:

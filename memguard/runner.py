@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from memguard.baselines import Baselines
 from memguard.check import require_inputs
-from memguard.components import FOLDER_HELP, Components, load_components, load_scheduler, resolve_device
+from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
-from memguard.gpu import check_gpu_settings, prepare_components
+from memguard.gpu import check_gpu_settings, prepare_model
+from memguard.families import Family, family_class, load_family
 from memguard.guidance import GuidanceSchedule
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
@@ -90,13 +91,14 @@ def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> Schedul
 # Generation
 
 
-def generate(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
+def generate(components: Family, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
              todo: list[tuple[int, int]], prompts: list[str], steps: int, resolution: int | None, batch_size: int,
              image_dir: Path, progress: bool = True, baselines: Baselines | None = None,
              trajectory: str = "full") -> list[Record]:
     """Sample the (prompt_idx, seed) pairs in ``todo`` in batches and write one PNG each (in a background
-    thread: :mod:`memguard.runs.writer`). ``baselines`` may rewrite each image's prompt, its prompt embedding, or
-    the UNet's cross-attention; ``trajectory``: see :func:`memguard.sampling.sample`."""
+    thread: :mod:`memguard.runs.writer`). ``components``: the model family's adapter (:mod:`memguard.families`).
+    ``baselines`` may rewrite each image's prompt, its prompt embedding, or the UNet's cross-attention;
+    ``trajectory``: see :func:`memguard.sampling.sample`."""
     baselines = baselines or Baselines()
     transform = baselines.prompt
     records = []
@@ -143,10 +145,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evaluating = cfg.evaluate and bool(planned_stages(cfg))
     device = shard.device(resolve_device(cfg.device))
     check_gpu_settings(cfg, device)
+    family = family_class(cfg.model.path, cfg.model.get("family"))
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
+    family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
                              for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
+    family.check_baselines(baselines, cfg.mitigation.name)
     if hasattr(baselines.embedding, "seeds"):  # a per-prompt embedding is shared by all the prompt's seeds
         baselines.embedding.seeds = seeds
     if cfg.threads:
@@ -166,8 +171,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # 3. Load the model and sample what is missing
     started = time.perf_counter()
     if todo:
-        components, batch_size = prepare_components(load_components(cfg.model.path, device, DTYPES[cfg.dtype]), cfg,
-                                                    len(todo))  # VAE dtype, batch_size=auto, compile
+        components, batch_size = prepare_model(load_family(cfg.model.path, device, DTYPES[cfg.dtype],
+                                                           cfg.model.get("family")), cfg, len(todo))
         for record in generate(components, scheduler, schedule, todo, prompts, cfg.sampler.steps, cfg.resolution,
                                batch_size, run_dir / "images", cfg.progress, baselines, cfg.trajectory):
             records[(record.prompt_idx, record.seed)] = record

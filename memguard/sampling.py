@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from memguard.components import Components
+from memguard.families import Conditions, Family, as_family, join
 from memguard.guidance import GuidanceSchedule
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Trajectory:
     scale: Tensor  # (B, steps), float32
     norm_c: Tensor | None = None  # (B, steps): ||eps_c||_2 in eps units, as d is (Figures 3, 9, 10, 12 of the paper)
     norm_u: Tensor | None = None  # (B, steps): ||eps_u||_2
+    d_raw: Tensor | None = None  # (B, steps): ||out_c - out_u||_2^2 in the model's own units (v, velocity; = d for eps)
     info: dict[str, Tensor] = field(default_factory=dict)  # per-sample values an embedding adjustment reports
     unet_evals: int | None = None  # UNet evaluations per sample in the loop: 2 per step, 1 where a branch was skipped
 
@@ -62,16 +64,19 @@ def encode_prompts(components: Components, prompts: Sequence[str]) -> Tensor:
 
 
 @torch.no_grad()
-def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncond: Tensor, noise: Tensor,
-           schedule: GuidanceSchedule, steps: int, callback: StepCallback | None = None, start: int = 0,
-           prefix: Trajectory | None = None, trajectory: str = "full") -> Trajectory:
+def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Conditions | Tensor,
+           uncond: Conditions | Tensor, noise: Tensor, schedule: GuidanceSchedule, steps: int,
+           callback: StepCallback | None = None, start: int = 0, prefix: Trajectory | None = None,
+           trajectory: str = "full") -> Trajectory:
     """Classifier-free guided sampling, Eq. (4) of Jain et al. with a per-sample, per-step scale.
 
-    ``cond``/``uncond``: text embeddings ``(B, L, D)``; ``noise``: unit noise ``(B, C, h, w)``. The model's
-    outputs are combined as they are (eps or v: CFG is linear, so both give the same update) and ``d_t`` is
-    reported in eps units for either. The scheduler is reset (``set_timesteps``) and stepped in place.
-    ``callback`` gets, per step, a dict with ``step``, ``timestep``, ``x`` (latents before the step), ``eps_u``,
-    ``eps_c`` (the model's raw outputs), ``d`` and ``scale``.
+    ``model``: a family adapter (:mod:`memguard.families`); ``cond``/``uncond``: its conditions for the batch
+    (a bare UNet with text-embedding tensors ``(B, L, D)`` is taken as the sd family). ``noise``: unit noise
+    ``(B, C, h, w)``. The model's outputs are combined as they are (eps, v or a flow velocity: CFG is linear, so
+    each gives the same update) and ``d_t`` is reported in eps units for each (``d_raw``: in the model's own
+    units). The scheduler is reset (``set_timesteps``) and stepped in place. ``callback`` gets, per step, a dict
+    with ``step``, ``timestep``, ``x`` (latents before the step), ``eps_u``, ``eps_c`` (the model's raw outputs),
+    ``d``, ``d_raw`` and ``scale``.
 
     ``start > 0`` continues a trajectory from that step (a branch of a shared prefix): ``noise`` is then the
     latents before step ``start`` (the callback's ``x``), ``scheduler`` a copy (``copy.deepcopy``) of the
@@ -84,123 +89,153 @@ def sample(unet: torch.nn.Module, scheduler: SchedulerMixin, cond: Tensor, uncon
     ``d`` and the other branch's norm are NaN at those steps (and the callback's other ``eps`` None).
     """
     # 1. Timesteps and initial latents, as the pipeline prepares them
+    model, cond, uncond = _adapter(model, scheduler, cond, uncond)
     device = noise.device
     if start == 0:
         scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     timestep_values = [float(t) for t in timesteps.cpu()]
-    latents = noise * scheduler.init_noise_sigma if start == 0 else noise
-    embeddings = torch.cat([uncond, cond]).to(dtype=unet.dtype)
+    latents = noise * getattr(scheduler, "init_noise_sigma", 1.0) if start == 0 else noise  # flow: unit noise
+    embeddings = join(uncond, cond)
     d = torch.zeros(noise.shape[0], len(timesteps), dtype=torch.float32, device=device)
-    # d_t is measured in eps units: for a v-prediction model eps_c - eps_u = sqrt(abar_t) (v_c - v_u)
-    v_prediction = scheduler.config.get("prediction_type") == "v_prediction"
-    scales, norm_c, norm_u = torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)
+    # d_t is measured in eps units: eps = a_k out + b_k x_k, so eps_c - eps_u = a_k (out_c - out_u) (eps: a = 1;
+    # v-prediction: a = sqrt(abar_t); rectified flow: a = 1 - sigma_t; see the family's eps_coefficients)
+    a, b = model.eps_coefficients(scheduler)
+    scales, norm_c, norm_u, d_raw = torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)
     if prefix is not None:
-        d[:, :start], scales[:, :start] = prefix.d[:, :start], prefix.scale[:, :start]
-        norm_c[:, :start], norm_u[:, :start] = prefix.norm_c[:, :start], prefix.norm_u[:, :start]
-
+        for mine, theirs in ((d, prefix.d), (scales, prefix.scale), (norm_c, prefix.norm_c), (norm_u, prefix.norm_u),
+                             (d_raw, prefix.d_raw)):
+            mine[:, :start] = theirs[:, :start]
+    scale_input = hasattr(scheduler, "scale_model_input")  # flow-matching schedulers take x as it is
     skip, single = trajectory == "off" and not schedule.needs_d, 0  # single: steps with one branch evaluated
 
-    # 2. Denoising loop: one UNet call on [x, x] with [e_empty, e_prompt]
+    # 2. Denoising loop: one model call on [x, x] with [null condition, condition]
     for k, t in enumerate(timesteps):
         if k < start:
             continue
         if skip:  # the scale is known before the model call; 0 or 1 for the whole batch leaves one branch unused
-            d[:, k], norm_c[:, k], norm_u[:, k] = float("nan"), float("nan"), float("nan")
+            d[:, k], d_raw[:, k], norm_c[:, k], norm_u[:, k] = (float("nan"),) * 4
             scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
             only = 0 if bool((scales[:, k] == 0).all()) else 1 if bool((scales[:, k] == 1).all()) else None
             if only is not None:
-                x_t = scheduler.scale_model_input(latents, t)
-                eps = unet(x_t, t, encoder_hidden_states=embeddings.chunk(2)[only], return_dict=False)[0]
-                (norm_c if only else norm_u)[:, k] = _eps_norm(eps, x_t, scheduler, t, v_prediction)
+                x_t = scheduler.scale_model_input(latents, t) if scale_input else latents
+                eps = model(x_t, t, uncond if only == 0 else cond)
+                (norm_c if only else norm_u)[:, k] = _eps_norm(eps, x_t, a[k], b[k])
                 if callback is not None:
                     callback({"step": k, "timestep": timestep_values[k], "x": latents, "eps_u": None if only else eps,
-                              "eps_c": eps if only else None, "d": d[:, k], "scale": scales[:, k]})
+                              "eps_c": eps if only else None, "d": d[:, k], "d_raw": d_raw[:, k],
+                              "scale": scales[:, k]})
                 latents = scheduler.step(eps, t, latents, return_dict=False)[0]
                 single += 1
                 continue
-        x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps_u, eps_c = unet(x_in, t, encoder_hidden_states=embeddings, return_dict=False)[0].chunk(2)
+        x_in = torch.cat([latents, latents])
+        x_in = scheduler.scale_model_input(x_in, t) if scale_input else x_in
+        eps_u, eps_c = model(x_in, t, embeddings).chunk(2)
         guidance = eps_c - eps_u
-        d[:, k] = guidance.float().flatten(1).pow(2).sum(dim=1)
-        if v_prediction:
-            d[:, k] *= float(scheduler.alphas_cumprod[int(t)])
+        d_raw[:, k] = guidance.float().flatten(1).pow(2).sum(dim=1)
+        d[:, k] = d_raw[:, k] * a[k] ** 2
         x_t = x_in[: latents.shape[0]]
-        norm_c[:, k] = _eps_norm(eps_c, x_t, scheduler, t, v_prediction)
-        norm_u[:, k] = _eps_norm(eps_u, x_t, scheduler, t, v_prediction)
+        norm_c[:, k] = _eps_norm(eps_c, x_t, a[k], b[k])
+        norm_u[:, k] = _eps_norm(eps_u, x_t, a[k], b[k])
         scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
         eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
         if callback is not None:
             callback({"step": k, "timestep": timestep_values[k], "x": latents, "eps_u": eps_u, "eps_c": eps_c,
-                      "d": d[:, k], "scale": scales[:, k]})
+                      "d": d[:, k], "d_raw": d_raw[:, k], "scale": scales[:, k]})
         latents = scheduler.step(eps, t, latents, return_dict=False)[0]
 
     return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales, norm_c=norm_c, norm_u=norm_u,
-                      unet_evals=2 * (len(timesteps) - start) - single)
+                      d_raw=d_raw, unet_evals=2 * (len(timesteps) - start) - single)
 
 
-def _eps_norm(output: Tensor, x: Tensor, scheduler: SchedulerMixin, t: Tensor, v_prediction: bool) -> Tensor:
-    """Per-sample ``||eps||_2`` of a model output; for v-prediction ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``
-    (``x``: the scaled model input, the variance-preserving ``x_t``)."""
-    if v_prediction:
-        abar = float(scheduler.alphas_cumprod[int(t)])
-        output = abar ** 0.5 * output.float() + (1 - abar) ** 0.5 * x.float()
+def _eps_norm(output: Tensor, x: Tensor, a: float, b: float) -> Tensor:
+    """Per-sample ``||eps||_2`` of a model output, ``eps = a out + b x`` (``x``: the model input, ``x_t``)."""
+    if b:
+        output = a * output.float() + b * x.float()
+    elif a != 1:
+        output = a * output.float()
     return output.float().flatten(1).norm(dim=1)
 
 
+def _adapter(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Conditions | Tensor,
+             uncond: Conditions | Tensor) -> tuple[Family, Conditions, Conditions]:
+    """A family adapter and its conditions; a bare UNet with embedding tensors is the sd family."""
+    if isinstance(model, Family):
+        return model, cond, uncond
+    from memguard.families.sd import SD
+
+    return (SD(Components(model, None, None, None, scheduler)), {"encoder_hidden_states": cond.to(model.dtype)},
+            {"encoder_hidden_states": uncond.to(model.dtype)})
+
+
 @torch.no_grad()
-def decode(components: Components, latents: Tensor) -> Tensor:
+def decode(model: Family | Components, latents: Tensor) -> Tensor:
     """Decode latents with the VAE into images in ``[0, 1]``, shape ``(B, 3, H, W)``, float32 (a pixel-space
-    model's latents are the images in ``[-1, 1]``)."""
-    vae = components.vae
+    model's latents are the images in ``[-1, 1]``). Latents are unscaled as the family's pipeline does:
+    ``/ scaling_factor``, then ``+ shift_factor`` where the VAE has one (SD3), or ``* std / scaling_factor + mean``
+    where it has ``latents_mean``/``latents_std`` (pipeline_stable_diffusion_xl.py lines 1277-1289)."""
+    vae = model.vae
     if vae is None:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    config, latents = vae.config, latents.to(vae.dtype)
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None) is not None:
+            latents = latents + config.shift_factor
+    images = vae.decode(latents, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-EmbeddingAdjustment = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+EmbeddingAdjustment = Callable[..., tuple[Conditions, dict[str, Tensor]]]
 
 
-def generate_images(components: Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
+def generate_images(model: Family | Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
                     prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
                     adjust: EmbeddingAdjustment | None = None,
                     attention: RenAttention | None = None, trajectory: str = "full") -> tuple[Tensor, Trajectory]:
-    """One batch from text to images: encode the prompts and the empty prompt, draw per-seed noise, sample,
-    decode. Returns images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the
-    model's own (UNet sample size times the VAE factor). ``adjust(unet, x_in, t, cond, uncond)`` (a baseline
-    such as Wen et al.'s) may replace the prompt embeddings, seeing the first step's scaled model input; it also
-    gets ``prompts``, ``seeds`` and ``model_input(seeds)`` (any seeds' first scaled input, for image sets).
+    """One batch from prompts to images: encode the prompts and the null condition, draw per-seed noise, sample,
+    decode. ``model``: a family adapter (:mod:`memguard.families`; SD components are the sd family). Returns
+    images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the model's own
+    (denoiser sample size times the VAE factor). ``adjust(model, x_in, t, cond, uncond)`` (a baseline such as Wen
+    et al.'s) may replace the prompt's conditions, seeing the first step's scaled model input; it also gets
+    ``prompts``, ``seeds`` and ``model_input(seeds)`` (any seeds' first scaled input, for image sets).
     ``attention`` (Ren et al.'s :class:`~memguard.baselines.RenAttention`) replaces the UNet's cross-attention
     processors for this batch. ``trajectory``: see :func:`sample` (``off`` skips nothing under ``attention``,
     whose processors edit the conditional half of a two-branch batch)."""
     from memguard.errors import UserError
 
-    factor = components.vae_scale_factor
-    side = resolution or components.default_resolution
+    family = as_family(model)
+    factor = family.vae_scale_factor
+    side = resolution or family.default_resolution
     if side % factor:
         raise UserError(f"resolution={side} must be a multiple of the VAE factor {factor}")
-    cond = encode_prompts(components, prompts)
-    uncond = encode_prompts(components, [""]).expand_as(cond)
-    unet = components.unet
-    noise = initial_noise(seeds, (unet.config.in_channels, side // factor, side // factor), unet.device, unet.dtype)
+    cond, uncond = family.encode(prompts, side), family.null(len(prompts), side)
+    denoiser = family.denoiser
+    noise = initial_noise(seeds, (family.latent_channels, side // factor, side // factor), denoiser.device,
+                          denoiser.dtype)
     info: dict[str, Tensor] = {}
     if adjust is not None:
         scheduler.set_timesteps(steps, device=noise.device)
         t = scheduler.timesteps[0]
-        def model_input(set_seeds: Sequence[int]) -> Tensor:  # an image set's first input, drawn as ``noise``
-            set_noise = initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype)
-            return scheduler.scale_model_input(set_noise * scheduler.init_noise_sigma, t)
 
-        cond, info = adjust(unet, scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t), t, cond, uncond,
-                            prompts=list(prompts), seeds=list(seeds), model_input=model_input)
+        def model_input(set_seeds: Sequence[int]) -> Tensor:  # an image set's first input, drawn as ``noise``
+            x = initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype)
+            x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+            return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+
+        cond, info = adjust(family, model_input(seeds), t, cond, uncond, prompts=list(prompts), seeds=list(seeds),
+                            model_input=model_input)
     installed = nullcontext()
     if attention is not None:
-        lengths = components.tokenizer(list(prompts), truncation=True, max_length=cond.shape[1],
-                                       return_length=True).length
-        installed = attention.installed(unet, torch.as_tensor(lengths, device=noise.device), cond.shape[1])
+        tokens = cond["encoder_hidden_states"].shape[1]
+        lengths = family.tokenizer(list(prompts), truncation=True, max_length=tokens, return_length=True).length
+        installed = attention.installed(denoiser, torch.as_tensor(lengths, device=noise.device), tokens)
     with installed:
-        trajectory = sample(unet, scheduler, cond, uncond, noise, schedule, steps,
+        trajectory = sample(family, scheduler, cond, uncond, noise, schedule, steps,
                             trajectory=trajectory if attention is None else "full")
     trajectory.info = info
-    return decode(components, trajectory.latents), trajectory
+    return decode(family, trajectory.latents), trajectory

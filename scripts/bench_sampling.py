@@ -10,6 +10,7 @@ counted by a hook on the UNet (samples per call, summed), so both pipelines are 
 
     python scripts/bench_sampling.py                         # tiny random components on the CPU, 50 steps
     python scripts/bench_sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
+    python scripts/bench_sampling.py --family sdxl           # another family's tiny random model vs its pipeline
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import time
 
 import memguard  # noqa: F401  (import order: makes the torch stack importable)
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from memguard.components import Components, random_components, sd15_sized_random_components
+from memguard.components import random_components, sd15_sized_random_components
+from memguard.families import Family, as_family, random_family
 from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule, StaticTransition
 from memguard.sampling import generate_images
 
@@ -30,15 +32,21 @@ PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding 
            "an oil painting of a harbour at dusk"]
 
 
-def memguard_generate(c: Components, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
+def sampler(family: Family):
+    """DPM-Solver++ (the paper's), or flow-matching Euler for sd3, from the model's scheduler config."""
+    cls = FlowMatchEulerDiscreteScheduler if family.name == "sd3" else DPMSolverMultistepScheduler
+    return cls.from_config(family.scheduler.config)
+
+
+def memguard_generate(c: Family, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
                       steps: int, trajectory: str = "full") -> torch.Tensor:
-    scheduler = DPMSolverMultistepScheduler.from_config(c.scheduler.config)
-    return generate_images(c, scheduler, schedule, prompts, seeds, steps, trajectory=trajectory)[0]
+    return generate_images(c, sampler(c), schedule, prompts, seeds, steps, trajectory=trajectory)[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd15", action="store_true", help="SD-1.5-sized random components (use a GPU)")
+    parser.add_argument("--family", default="sd", help="tiny random model of this family: sd, sdxl, sd3, dit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batch", type=int, default=8, help="images per call")
@@ -49,20 +57,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
-    components = sd15_sized_random_components() if args.sd15 else random_components()
+    if args.sd15:
+        components = as_family(sd15_sized_random_components())
+    else:
+        components = as_family(random_components()) if args.family == "sd" else random_family(args.family)
     components.to(args.device, None if dtype == torch.float32 else dtype)
-    pipe = StableDiffusionPipeline(
-        **{**vars(components), "scheduler": DPMSolverMultistepScheduler.from_config(components.scheduler.config)},
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = components.pipeline(sampler(components))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    if components.name == "dit":  # class-conditional: class ids (as text for memguard, as ints for the pipeline)
+        prompts = [str(i % 1000) for i in range(args.batch)]
     seeds = list(range(args.batch))
     scale = 7.5
 
     def diffusers_generate() -> torch.Tensor:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=scale, generator=generators,
+        first = [int(p) for p in prompts] if components.name == "dit" else prompts
+        return pipe(first, num_inference_steps=args.steps, guidance_scale=scale, generator=generators,
                     output_type="pt").images
 
     def mg(schedule: GuidanceSchedule, trajectory: str = "full"):
@@ -84,7 +94,7 @@ def main() -> None:
     def count(module: torch.nn.Module, args_: tuple) -> None:
         evaluations[current[0]] += args_[0].shape[0]
 
-    components.unet.register_forward_pre_hook(count)
+    components.denoiser.register_forward_pre_hook(count)
     synchronize = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
@@ -102,8 +112,9 @@ def main() -> None:
 
     rate = {name: args.batch / statistics.median(times) for name, times in seconds.items()}
     per_image = {name: n / (args.batch * (args.rounds + 1)) for name, n in evaluations.items()}
-    print(f"device={args.device} dtype={args.dtype} components={'sd15-sized' if args.sd15 else 'tiny'} "
-          f"batch={args.batch} steps={args.steps} (DPM-Solver++) rounds={args.rounds} threads={args.threads}")
+    kind = "sd15-sized" if args.sd15 else f"tiny {args.family}"
+    print(f"device={args.device} dtype={args.dtype} components={kind} "
+          f"batch={args.batch} steps={args.steps} rounds={args.rounds} threads={args.threads}")
     for name, value in rate.items():
         spread = (min(seconds[name]), max(seconds[name]))
         print(f"  {name:20s} {value:8.3f} images/s  {per_image[name]:6.1f} UNet evals/image   (per call: median "

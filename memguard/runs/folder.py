@@ -64,10 +64,11 @@ def generation_settings(cfg: DictConfig) -> dict[str, Any]:
     return {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in GENERATION_KEYS}
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The keys (dotted) whose values differ between two nested dicts, each as "key: old -> new"."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+        return [d for k in keys for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
@@ -76,7 +77,7 @@ def check_folder(cfg: DictConfig, run_dir: Path) -> None:
     config_file = run_dir / "config.yaml"
     if config_file.exists():
         old = {key: OmegaConf.to_container(OmegaConf.load(config_file), resolve=False).get(key) for key in GENERATION_KEYS}
-        diffs = _differences(old, generation_settings(cfg))
+        diffs = differences(old, generation_settings(cfg))
         if diffs:
             raise UserError(
                 f"run folder {run_dir} holds images made with other settings ({'; '.join(diffs)}); "
