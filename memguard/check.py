@@ -110,23 +110,22 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
     if OmegaConf.is_missing(cfg.model, "path"):
         report.problems.append(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
         return None
+    from memguard.families import family_class, read_model_index
+
+    folder, family = Path(cfg.model.path).expanduser(), None
     try:
-        folder = check_model_folder(cfg.model.path)  # the folder and its subfolders, as the loader words it
+        if (folder / "model_index.json").is_file():
+            family = family_class(folder, cfg.model.get("family"))
+        if family is None or family.name == "sd":
+            check_model_folder(cfg.model.path)  # the folder and its subfolders, as the loader words it
     except UserError as err:
         report.problems.append(f"{err}{source(cfg, 'model')}")
         return None
     wrong = []
     components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # an sd folder's, where no index says more
-    if not (folder / "model_index.json").is_file():
+    if family is None:
         wrong.append("model_index.json is missing")
     else:
-        from memguard.families import family_class, read_model_index
-
-        try:
-            family = family_class(folder, cfg.model.get("family"))
-        except UserError as err:
-            report.problems.append(str(err))
-            return None
         index = read_model_index(folder)
         components = tuple(c for c in family.subfolders if index.get(c) not in (None, [None, None]))
     for component in components:
@@ -135,7 +134,9 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
             continue
         sub = folder / component
         if not sub.is_dir():
-            continue  # check_model_folder has said so
+            if family is not None and family.name != "sd":  # for sd, check_model_folder has said so
+                wrong.append(f"{component}/ is missing")
+            continue
         if not (sub / config).is_file():
             wrong.append(f"{component}/{config} is missing")
         if weights:
@@ -145,7 +146,9 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
             elif (problem := archive_problem(present[0])) is not None:
                 wrong.append(f"{component}/{present[0].name} {problem}")
     if wrong:
-        report.problems.append(f"model.path={str(cfg.model.path)!r}: {'; '.join(wrong)}; {FOLDER_HELP}")
+        fix = FOLDER_HELP if family is None or family.name == "sd" else \
+            f"a {family.name} folder is written by {family.pipeline_class}.save_pretrained"
+        report.problems.append(f"model.path={str(cfg.model.path)!r}: {'; '.join(wrong)}; {fix}")
         return None
     return folder
 

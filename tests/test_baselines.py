@@ -204,19 +204,21 @@ def _wen_reference(unet, x_set: Tensor, t: Tensor, cond: Tensor, uncond: Tensor,
 
 def test_wen_shared_embedding_matches_a_reference_written_from_the_description(tiny_components) -> None:
     from memguard.baselines import WenSharedEmbedding
+    from memguard.families import as_family
     from memguard.sampling import encode_prompts, initial_noise
 
     unet, t = tiny_components.unet, torch.tensor(999)
     cond, uncond = encode_prompts(tiny_components, ["a red circle"]), encode_prompts(tiny_components, [""])
     x_set = initial_noise([0, 1, 2], (4, 16, 16))
+    model, conditions = as_family(tiny_components), lambda e: {"encoder_hidden_states": e}
     wen = WenSharedEmbedding(l_target=1e-6, lr=0.05, max_iters=3)
-    ours, info = wen.optimise(unet, x_set, t, cond, uncond)
+    ours, info = wen.optimise(model, x_set, t, conditions(cond), conditions(uncond))
     want = _wen_reference(unet, x_set, t, cond, uncond, 1e-6, 0.05, 3)
     assert info["wen_iterations"] == 3 and not info["wen_reached_target"]
     assert (ours - cond).abs().max() > 1e-3 and torch.allclose(ours, want, atol=1e-5)
     per_image = _wen_reference(unet, x_set[:1], t, cond, uncond, 1e-6, 0.05, 3)
     assert not torch.allclose(ours, per_image, atol=1e-5)  # the set's norm, not one image's
-    easy = WenSharedEmbedding(l_target=1e6, max_iters=3).optimise(unet, x_set, t, cond, uncond)
+    easy = WenSharedEmbedding(l_target=1e6, max_iters=3).optimise(model, x_set, t, conditions(cond), conditions(uncond))
     assert easy[1]["wen_iterations"] == 0 and torch.equal(easy[0], cond)
 
 
