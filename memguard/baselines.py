@@ -145,8 +145,8 @@ class WenSharedEmbedding:
         for i, prompt in enumerate(prompts):
             key = (prompt, tuple(image_set), float(t), tuple(x_in.shape[1:]))
             if key not in self._cache:
-                one = lambda conditions: {k: v[i : i + 1] for k, v in conditions.items()}  # noqa: E731
-                self._cache[key] = self.optimise(model, model_input(image_set), t, one(cond), one(uncond))
+                one = {k: v[i : i + 1] for k, v in cond.items()}, {k: v[i : i + 1] for k, v in uncond.items()}
+                self._cache[key] = self.optimise(model, model_input(image_set), t, *one)
             rows.append(self._cache[key][0])
             infos.append(self._cache[key][1])
         info = {k: torch.tensor([row[k] for row in infos], device=embeddings.device) for k in infos[0]}
@@ -157,7 +157,7 @@ class WenSharedEmbedding:
         """One prompt's shared embedding ``(1, L, D)`` for the set's model inputs ``x_set`` ``(N, C, h, w)``
         (``cond``, ``uncond``: that prompt's conditions, one row each)."""
         n = len(x_set)
-        repeat = lambda conditions: {k: v.expand(n, *v.shape[1:]) for k, v in conditions.items()}  # noqa: E731
+        repeat = lambda conditions: {k: v.expand(n, *v.shape[1:]) for k, v in conditions.items()}
         with torch.no_grad():
             eps_u = model(x_set, t, repeat(uncond))
         embedding = cond["encoder_hidden_states"].detach().clone().requires_grad_(True)

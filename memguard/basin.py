@@ -147,10 +147,10 @@ def basin(cfg) -> dict:
     from memguard.components import load_scheduler, resolve_device
     from memguard.errors import UserError, instantiate_checked
     from memguard.evaluate import STAGES, planned_stages, reference_files
+    from memguard.families import family_class, load_family
     from memguard.runner import DTYPES, build_scheduler, check_settings
     from memguard.runs.folder import Record, read_record, update_metrics, write_image
     from memguard.runs.prompts import load_prompts, load_seeds
-    from memguard.families import family_class, load_family
     from memguard.sampling import decode, initial_noise
 
     log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def write_strips(run_dir, frame, transitions, records, starts: list[int], steps:
     n = len(starts)
     fig, axes = plt.subplots(2 * len(chosen), 1, figsize=(1.1 * (n + 1) + 1, 2.6 * len(chosen)), squeeze=False,
                              height_ratios=[1, 0.9] * len(chosen))
-    where = lambda k: np.interp(k, [*starts, steps], [*range(n), n])  # noqa: E731  (step -> column)
+    where = lambda k: np.interp(k, [*starts, steps], [*range(n), n])
     for r, row in enumerate(chosen.itertuples()):
         ax_i, ax_d = axes[2 * r, 0], axes[2 * r + 1, 0]
         branches = frame[(frame.prompt_idx == row.prompt_idx) & (frame.seed == row.seed)].sort_values("start")

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import memguard  # noqa: F401  (import order: makes the torch stack importable)
+import memguard
 from memguard.errors import UserError
 
 CONF_DIR = memguard.ROOT / "conf"

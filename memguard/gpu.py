@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from memguard.families import Family, join
 from memguard.errors import UserError
+from memguard.families import Family, join
 
 log = logging.getLogger(__name__)
 VAE_DTYPES = ("float32", "float16", "bfloat16")
@@ -50,7 +50,7 @@ def check_compiler(device: torch.device) -> None:
             from torch._inductor.cpp_builder import get_cpp_compiler
 
             get_cpp_compiler()
-        except Exception as err:  # noqa: BLE001  (InvalidCxxCompiler, or an inductor without this helper)
+        except Exception as err:
             raise UserError("compile=true on the CPU needs a C++ compiler for torch.compile's inductor backend "
                             f"(g++, or CXX=...; {type(err).__name__}); {fix}") from err
 

@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from memguard.baselines import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
-from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.families import Family, family_class, load_family
+from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables

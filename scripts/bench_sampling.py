@@ -19,10 +19,10 @@ import argparse
 import statistics
 import time
 
-import memguard  # noqa: F401  (import order: makes the torch stack importable)
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+import memguard  # noqa: F401  (import order: makes the torch stack importable)
 from memguard.components import random_components, sd15_sized_random_components
 from memguard.families import Family, as_family, random_family
 from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule, StaticTransition

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import memguard  # noqa: F401  (import order: makes the torch stack importable)
 import torch
 import torch.nn.functional as F
 
+import memguard  # noqa: F401  (import order: makes the torch stack importable)
 from memguard.metrics.fid import REAL_STATES, streaming_fid
 from memguard.metrics.similarity import nearest_references
 

@@ -17,15 +17,16 @@ import json
 import re
 from pathlib import Path
 
-import memguard  # noqa: F401  (import order)
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
+import memguard  # noqa: F401  (import order)
 
-from memguard.tables import tiny_table, to_markdown  # noqa: E402
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+from PIL import Image
+
+from memguard.tables import tiny_table, to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_ROWS = ("none", "stp_t300", "stp_t500", "dtp", "og_dtp", "uncond")
@@ -125,7 +126,7 @@ def main() -> None:
     text = readme.read_text()
     if START not in text:
         raise SystemExit(f"README.md has no {START} marker")
-    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S))
+    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.DOTALL))
     print(section)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import memguard  # noqa: E402,F401  (must precede diffusers / transformers)
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from memguard.components import Components, random_components, save_components  # noqa: E402
+import memguard  # noqa: F401  (must precede diffusers / transformers)
+from memguard.components import Components, random_components, save_components
 
 torch.set_num_threads(1)
 

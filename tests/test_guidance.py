@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from memguard.guidance import (
-    Auto, Constant, DynamicTransition, Interval, StaticTransition, detection_score, dtp_switch_step, transition_step,
+    Auto,
+    Constant,
+    DynamicTransition,
+    Interval,
+    StaticTransition,
+    detection_score,
+    dtp_switch_step,
+    transition_step,
 )
 
 

@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from memguard.errors import UserError
-from memguard.metrics.alignment import (AttributeNet, AttributeScorer, ClipScorer, save_attribute_net,
-                                        train_attribute_net)
+from memguard.metrics.alignment import (
+    AttributeNet,
+    AttributeScorer,
+    ClipScorer,
+    save_attribute_net,
+    train_attribute_net,
+)
 from memguard.metrics.fid import AttributeFeatures, InceptionFeatures, PixelFeatures, frechet_distance
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},

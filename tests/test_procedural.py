@@ -10,8 +10,15 @@ import pytest
 from PIL import Image
 
 from memguard.errors import UserError
-from memguard.procedural import (TRIGGER_WORDS, Sample, dataset_digest, ensure_dataset, read_metadata, render,
-                                 write_dataset)
+from memguard.procedural import (
+    TRIGGER_WORDS,
+    Sample,
+    dataset_digest,
+    ensure_dataset,
+    read_metadata,
+    render,
+    write_dataset,
+)
 
 FLAT = ((0.0, 0.0, np.pi / 2),) * 2  # cos(pi/2) = 0: no background waves
 SMALL = dict(seed=3, size=16, n_unique=40, n_trigger=2, n_shared=1, repeats=10, n_eval_unique=4)

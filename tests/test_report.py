@@ -44,7 +44,7 @@ def image_widths(page: Path) -> dict[str, int]:
              f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
             capture_output=True, text=True, timeout=120)
     probe.unlink()
-    found = re.search(r'<pre id="image-check">(.*?)</pre>', result.stdout, re.S)
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', result.stdout, re.DOTALL)
     assert found, f"no image report in Chromium's DOM: {result.stderr[-2000:]}"
     return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in found.group(1).splitlines() if line}
 

@@ -12,7 +12,13 @@ from torchvision import transforms
 
 from memguard.errors import UserError
 from memguard.metrics.similarity import (
-    IMAGENET_MEAN, IMAGENET_STD, PixelEmbedder, SSCDEmbedder, embed_files, nearest_references, summarize,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PixelEmbedder,
+    SSCDEmbedder,
+    embed_files,
+    nearest_references,
+    summarize,
 )
 
 

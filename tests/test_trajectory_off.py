@@ -28,7 +28,7 @@ class CountingUNet(torch.nn.Module):
         super().__init__()
         self.unet, self.samples = unet, 0
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003
+    def forward(self, x: torch.Tensor, *args, **kwargs):
         self.samples += x.shape[0]
         return self.unet(x, *args, **kwargs)
 

@@ -60,7 +60,7 @@ class ClipScorer(Scorer):
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=str(file),
                                                                                    device=device)
-        except Exception as err:  # noqa: BLE001  (wrong architecture, corrupt or truncated file: unpickling, keys)
+        except Exception as err:
             raise UserError(f"{key}={str(path)!r} does not hold {model} weights ({str(err).splitlines()[0][:200]}); "
                             f"{OPEN_CLIP_HELP}") from err
         self.model.eval()
@@ -149,7 +149,7 @@ def load_attribute_net(path: str | Path, key: str = "metrics.alignment.path") ->
         saved = torch.load(file, weights_only=True)
         net = AttributeNet(saved["attributes"], saved["size"])
         net.load_state_dict(saved["state_dict"])
-    except Exception as err:  # noqa: BLE001  (any unpickling or key error means: not our file)
+    except Exception as err:
         raise UserError(f"{key}={str(path)!r} is not an attribute classifier written by memguard ({err})") from err
     return net.eval(), saved["held_out_accuracy"]
 

@@ -57,7 +57,7 @@ class InceptionFeatures:
         try:
             self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                      feature_extractor_weights_path=str(file)).to(device)
-        except Exception as err:  # noqa: BLE001  (unpickling, missing or unexpected keys: not this network)
+        except Exception as err:
             raise UserError(f"{key}={str(path)!r} is not the FID Inception state dict "
                             f"({str(err).splitlines()[0][:200]}); {INCEPTION_HELP}") from err
         self.device = device

@@ -32,7 +32,15 @@ from torch import Tensor
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
-from memguard.metrics.images import SKIP_FIX, Unreadable, apply_by_shape, embed_of, image_batches, read_image, transform_of
+from memguard.metrics.images import (
+    SKIP_FIX,
+    Unreadable,
+    apply_by_shape,
+    embed_of,
+    image_batches,
+    read_image,
+    transform_of,
+)
 
 SSCD_URL = "https://github.com/facebookresearch/sscd-copy-detection (README: pretrained models)"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

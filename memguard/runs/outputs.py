@@ -8,8 +8,8 @@ from typing import Any
 
 from memguard.runs.folder import Record, atomic_write_text
 from memguard.runs.plots import plot_norms
-from memguard.runs.report import write_grid, write_report
 from memguard.runs.prompts import Prompts
+from memguard.runs.report import write_grid, write_report
 
 
 def transition_summary(records: list[Record]) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from PIL import Image
 from omegaconf import OmegaConf
+from PIL import Image
 
 # Figures of a run folder, in the order the report shows them: file, caption.
 FIGURES = (
