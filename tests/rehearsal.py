@@ -169,7 +169,6 @@ class PooledDescriptor(torch.nn.Module):
 def write_metric_weights(folder: Path) -> dict[str, Path]:
     """The three stand-in weight files and the tiny open_clip config: keys sscd, clip, clip_config, inception."""
     import open_clip
-    from torch_fidelity import feature_extractor_inceptionv3 as module
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -179,6 +178,14 @@ def write_metric_weights(folder: Path) -> dict[str, Path]:
     files["clip_config"].write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(files["clip_config"])
     torch.save(open_clip.create_model("mg-tiny-clip").state_dict(), files["clip"])
+    write_random_inception(files["inception"])
+    return files
+
+
+def write_random_inception(path: Path) -> Path:
+    """A randomly initialised FID InceptionV3 state dict with the real network's keys and shapes."""
+    from torch_fidelity import feature_extractor_inceptionv3 as module
+
     original = module.FeatureExtractorInceptionV3.load_state_dict
     module.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
     module.load_state_dict_from_url = lambda *a, **k: {}  # never download
@@ -186,8 +193,8 @@ def write_metric_weights(folder: Path) -> dict[str, Path]:
         net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     finally:
         module.FeatureExtractorInceptionV3.load_state_dict = original
-    torch.save(net.state_dict(), files["inception"])
-    return files
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def paper_metric_overrides(files: dict[str, Path]) -> list[str]:

@@ -18,6 +18,7 @@ from memguard.metrics.alignment import (
     train_attribute_net,
 )
 from memguard.metrics.fid import AttributeFeatures, InceptionFeatures, PixelFeatures, frechet_distance
+from tests.rehearsal import write_random_inception
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
@@ -52,17 +53,8 @@ def test_pixel_features_are_pooled_pixels() -> None:
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised FID InceptionV3 state dict with the real network's keys and shapes."""
-    from torch_fidelity import feature_extractor_inceptionv3 as module
-
-    original = module.FeatureExtractorInceptionV3.load_state_dict
-    module.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
-    module.load_state_dict_from_url = lambda *a, **k: {}  # never download
-    try:
-        net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        module.FeatureExtractorInceptionV3.load_state_dict = original
     path = tmp_path_factory.mktemp("weights") / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(net.state_dict(), path)
+    write_random_inception(path)
     return path
 
 
