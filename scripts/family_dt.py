@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-import memguard  # noqa: F401  (import order: makes the torch stack importable)
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+import memguard  # noqa: F401
 from memguard.families import FAMILIES, random_family
 from memguard.guidance import Constant
 from memguard.sampling import generate_images
