@@ -151,7 +151,7 @@ def basin(cfg) -> dict:
     from memguard.runner import DTYPES, build_scheduler, check_settings
     from memguard.runs.folder import Record, read_record, update_metrics, write_image
     from memguard.runs.prompts import load_prompts, load_seeds
-    from memguard.sampling import decode, initial_noise
+    from memguard.sampling import decode, prepare_batch
 
     log = logging.getLogger(__name__)
     # 1. Inputs
@@ -203,13 +203,10 @@ def basin(cfg) -> dict:
     started, evaluations = time.perf_counter(), 0
     if todo:
         model = load_family(cfg.model.path, device, DTYPES[cfg.dtype], cfg.model.get("family"))
-        factor, denoiser = model.vae_scale_factor, model.denoiser
-        side = cfg.resolution or model.default_resolution
         for first in range(0, len(todo), cfg.batch_size):
             batch = todo[first : first + cfg.batch_size]
-            cond, uncond = model.encode([prompts[i] for i, _ in batch], side), model.null(len(batch), side)
-            noise = initial_noise([s for _, s in batch], (model.latent_channels, side // factor, side // factor),
-                                  denoiser.device, denoiser.dtype)
+            cond, uncond, noise = prepare_batch(model, [prompts[i] for i, _ in batch], [s for _, s in batch],
+                                                cfg.resolution)
             result = branch(model, copy.deepcopy(template), cond, uncond, noise, starts, steps, scale, opposite)
             evaluations += result.evaluations
             for k, traj in [(None, result.prefix), *result.branches.items()]:

@@ -105,7 +105,7 @@ def archive_problem(path: Path) -> str | None:
 
 def check_model(cfg: DictConfig, report: Report) -> Path | None:
     """``model.path`` and each component's files; the folder if it is usable."""
-    from memguard.components import FOLDER_HELP, _pixel_space, check_model_folder
+    from memguard.components import FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder
 
     if OmegaConf.is_missing(cfg.model, "path"):
         report.problems.append(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
@@ -122,7 +122,7 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
         report.problems.append(f"{err}{source(cfg, 'model')}")
         return None
     wrong = []
-    components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # an sd folder's, where no index says more
+    components = SUBFOLDERS  # an sd folder's, where no index says more
     if family is None:
         wrong.append("model_index.json is missing")
     else:
@@ -133,9 +133,8 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
         if component == "vae" and _pixel_space(folder):
             continue
         sub = folder / component
-        if not sub.is_dir():
-            if family is not None and family.name != "sd":  # for sd, check_model_folder has said so
-                wrong.append(f"{component}/ is missing")
+        if not sub.is_dir():  # only another family's folder gets here: check_model_folder has checked an sd one
+            wrong.append(f"{component}/ is missing")
             continue
         if not (sub / config).is_file():
             wrong.append(f"{component}/{config} is missing")

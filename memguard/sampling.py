@@ -193,6 +193,23 @@ def decode(model: Family | Components, latents: Tensor) -> Tensor:
 EmbeddingAdjustment = Callable[..., tuple[Conditions, dict[str, Tensor]]]
 
 
+def prepare_batch(family: Family, prompts: Sequence[str], seeds: Sequence[int],
+                  resolution: int | None = None) -> tuple[Conditions, Conditions, Tensor]:
+    """One batch's conditions, null conditions and per-seed unit noise (:func:`initial_noise`) on the denoiser's
+    device and dtype, for images ``resolution`` pixels square (default: the model's own, denoiser sample size
+    times the VAE factor)."""
+    from memguard.errors import UserError
+
+    factor = family.vae_scale_factor
+    side = resolution or family.default_resolution
+    if side % factor:
+        raise UserError(f"resolution={side} must be a multiple of the VAE factor {factor}")
+    denoiser = family.denoiser
+    noise = initial_noise(seeds, (family.latent_channels, side // factor, side // factor), denoiser.device,
+                          denoiser.dtype)
+    return family.encode(prompts, side), family.null(len(prompts), side), noise
+
+
 def generate_images(model: Family | Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
                     prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
                     adjust: EmbeddingAdjustment | None = None,
@@ -206,34 +223,27 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
     ``attention`` (Ren et al.'s :class:`~memguard.baselines.RenAttention`) replaces the UNet's cross-attention
     processors for this batch. ``trajectory``: see :func:`sample` (``off`` skips nothing under ``attention``,
     whose processors edit the conditional half of a two-branch batch)."""
-    from memguard.errors import UserError
-
     family = as_family(model)
-    factor = family.vae_scale_factor
-    side = resolution or family.default_resolution
-    if side % factor:
-        raise UserError(f"resolution={side} must be a multiple of the VAE factor {factor}")
-    cond, uncond = family.encode(prompts, side), family.null(len(prompts), side)
-    denoiser = family.denoiser
-    noise = initial_noise(seeds, (family.latent_channels, side // factor, side // factor), denoiser.device,
-                          denoiser.dtype)
+    cond, uncond, noise = prepare_batch(family, prompts, seeds, resolution)
     info: dict[str, Tensor] = {}
     if adjust is not None:
         scheduler.set_timesteps(steps, device=noise.device)
         t = scheduler.timesteps[0]
 
-        def model_input(set_seeds: Sequence[int]) -> Tensor:  # an image set's first input, drawn as ``noise``
-            x = initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype)
+        def first_input(x: Tensor) -> Tensor:  # unit noise as the first step's scaled model input
             x = x * getattr(scheduler, "init_noise_sigma", 1.0)
             return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
 
-        cond, info = adjust(family, model_input(seeds), t, cond, uncond, prompts=list(prompts), seeds=list(seeds),
+        def model_input(set_seeds: Sequence[int]) -> Tensor:  # an image set's first input, drawn as ``noise``
+            return first_input(initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype))
+
+        cond, info = adjust(family, first_input(noise), t, cond, uncond, prompts=list(prompts), seeds=list(seeds),
                             model_input=model_input)
     installed = nullcontext()
     if attention is not None:
         tokens = cond["encoder_hidden_states"].shape[1]
         lengths = family.tokenizer(list(prompts), truncation=True, max_length=tokens, return_length=True).length
-        installed = attention.installed(denoiser, torch.as_tensor(lengths, device=noise.device), tokens)
+        installed = attention.installed(family.denoiser, torch.as_tensor(lengths, device=noise.device), tokens)
     with installed:
         trajectory = sample(family, scheduler, cond, uncond, noise, schedule, steps,
                             trajectory=trajectory if attention is None else "full")
