@@ -3,7 +3,8 @@
     loss = E_{x0, c, t, eps} || y - f_theta(x_t, t, tau(c')) ||^2,   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
     y = eps (eps-prediction, SD 1.x) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v-prediction, SD 2.x-768),
     c' = ""  with probability ``cond_dropout`` (so one network learns the unconditional and conditional
-    predictions, as CFG needs), else c
+    predictions, as CFG needs), else c; with probability ``caption_noise`` c is first replaced by the caption
+    of another training image drawn the same way (web captions such as LAION's often do not describe their image)
 
 with t uniform over the scheduler's 1000 training timesteps and the scheduler's own noise schedule. The UNet
 and the text encoder are trained together from scratch; sampling uses an exponential moving average of both.
@@ -67,6 +68,7 @@ class TrainSettings:
     warmup: int = 100
     weight_decay: float = 0.01
     cond_dropout: float = 0.1
+    caption_noise: float = 0.0
     ema_decay: float = 0.999
     seed: int = 0
 
@@ -83,6 +85,16 @@ def tokenize(components: Components, captions: Sequence[str]) -> Tensor:
     tok = components.tokenizer
     return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids
+
+
+def _captioned(idx: Tensor, probabilities: Tensor, settings: TrainSettings, generator: torch.Generator) -> Tensor:
+    """Whose caption each drawn image is trained with: its own, or with probability ``caption_noise`` another
+    image's. Without caption noise nothing is drawn, so such recipes keep their random stream (bitwise)."""
+    if settings.caption_noise <= 0:
+        return idx
+    swap = torch.rand(len(idx), generator=generator) < settings.caption_noise
+    other = torch.multinomial(probabilities, len(idx), replacement=True, generator=generator)
+    return torch.where(swap, other, idx)
 
 
 def train_denoiser(components: Components, images: Tensor, captions: Sequence[str], weights: Sequence[int],
@@ -112,7 +124,7 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
             idx = torch.multinomial(probabilities, settings.batch_size, replacement=True, generator=generator)
             x0 = images[idx]
             drop = torch.rand(len(idx), generator=generator) < settings.cond_dropout
-            tokens = torch.where(drop[:, None], empty, ids[idx])
+            tokens = torch.where(drop[:, None], empty, ids[_captioned(idx, probabilities, settings, generator)])
             t = torch.randint(0, train_steps, (len(idx),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)

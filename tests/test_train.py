@@ -12,7 +12,7 @@ import torch
 from memguard.components import load_components, save_components
 from memguard.guidance import Constant
 from memguard.sampling import generate_images
-from memguard.train import TrainSettings, tiny_components, train_denoiser
+from memguard.train import TrainSettings, _captioned, tiny_components, train_denoiser
 from tests.test_cli import memguard
 
 
@@ -35,6 +35,19 @@ def test_training_lowers_the_denoising_loss() -> None:
                             TrainSettings(steps=40, batch_size=8, warmup=5, lr=2e-3), progress=False)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     assert not components.unet.training and not any(p.requires_grad for p in components.unet.parameters())
+
+
+def test_caption_noise_swaps_captions_only_when_asked() -> None:
+    idx = torch.arange(4000) % 4
+    weights = torch.tensor([1.0, 1.0, 0.0, 2.0], dtype=torch.float64)  # image 2 never drawn
+    generator = torch.Generator().manual_seed(0)
+    assert _captioned(idx, weights, TrainSettings(caption_noise=0.0), generator) is idx
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    noisy = _captioned(idx, weights, TrainSettings(caption_noise=0.5), generator)
+    swapped = noisy != idx
+    assert 0.3 < swapped.float().mean() < 0.45  # half drawn again, a quarter of those landing on their own
+    assert not (noisy[swapped] == 2).any()       # other captions come from the weighted training draw
+    assert (noisy[swapped] == 3).float().mean() > 0.4
 
 
 SMALL_RECIPE = ["dataset.n_unique=24", "dataset.n_trigger=1", "dataset.n_shared=1", "dataset.repeats=3",
