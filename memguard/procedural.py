@@ -111,13 +111,17 @@ class Row:
     background: str
 
 
-def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: int,
-               repeats: int) -> tuple[list[Row], list[Sample]]:
-    """Draw the samples; trigger and shared images come first, so they are easy to find."""
+def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: int, repeats: int,
+               caption_noise: float = 0.0) -> tuple[list[Row], list[Sample]]:
+    """Draw the samples; trigger and shared images come first, so they are easy to find. With ``caption_noise``
+    that fraction of the unique images carry the caption of attributes drawn at random (as many web captions do
+    not describe their image; the row's ``shape``, ``colour`` and ``background`` stay the image's own); the
+    duplicated images always carry theirs. The draw has its own stream, so the images do not change with it."""
     if n_trigger > len(TRIGGER_WORDS):
         raise ValueError(f"n_trigger={n_trigger} exceeds the {len(TRIGGER_WORDS)} trigger words")
     rng = np.random.default_rng(seed)
     samples = [random_sample(rng, size) for _ in range(n_trigger + n_shared + n_unique)]
+    noise = np.random.default_rng([seed, 1])
     rows = []
     for i, s in enumerate(samples):
         if i < n_trigger:
@@ -126,6 +130,9 @@ def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: in
             kind, text, count = "shared", s.caption, repeats
         else:
             kind, text, count = "unique", s.caption, 1
+            if caption_noise > 0 and noise.random() < caption_noise:
+                shape, colour, background = (names[noise.integers(len(names))] for names in ATTRIBUTES.values())
+                text = f"a {colour} {shape} on a {background} background"
         rows.append(Row(f"images/{i:05d}.png", text, kind, count, s.shape, s.colour, s.background))
     return rows, samples
 
@@ -140,7 +147,7 @@ def evaluation_prompts(rows: list[Row], n_unique: int = 8) -> list[dict[str, str
 
 
 def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: int = 2400, n_trigger: int = 4,
-                  n_shared: int = 2, repeats: int = 100, n_eval_unique: int = 8) -> Path:
+                  n_shared: int = 2, repeats: int = 100, n_eval_unique: int = 8, caption_noise: float = 0.0) -> Path:
     """Write ``images/``, ``metadata.jsonl`` and ``prompts.jsonl`` into ``folder`` (which must not hold a dataset)."""
     from PIL import Image
 
@@ -148,7 +155,7 @@ def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: i
     if (root / "metadata.jsonl").exists():
         raise FileExistsError(f"{root} already holds a dataset (metadata.jsonl); choose an empty folder")
     (root / "images").mkdir(parents=True, exist_ok=True)
-    rows, samples = build_rows(seed, size, n_unique, n_trigger, n_shared, repeats)
+    rows, samples = build_rows(seed, size, n_unique, n_trigger, n_shared, repeats, caption_noise)
     for row, s in zip(rows, samples):
         Image.fromarray(render(s, size)).save(root / row.file_name)
     _write_jsonl(root / "prompts.jsonl", evaluation_prompts(rows, n_eval_unique))
@@ -191,7 +198,7 @@ def dataset_digest(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_dataset(folder: str | Path, digest: str | None = None, **spec: int) -> Path:
+def ensure_dataset(folder: str | Path, digest: str | None = None, **spec: float) -> Path:
     """Write the dataset described by ``spec`` (:func:`write_dataset`'s arguments) into ``folder`` unless it is
     there, then check it is the one ``digest`` names (the one the model was trained on)."""
     from memguard.errors import UserError

@@ -11,6 +11,7 @@ import torch
 
 from memguard.components import load_components, save_components
 from memguard.guidance import Constant
+from memguard.procedural import build_rows
 from memguard.sampling import generate_images
 from memguard.train import TrainSettings, _captioned, tiny_components, train_denoiser
 from tests.test_cli import memguard
@@ -48,6 +49,15 @@ def test_caption_noise_swaps_captions_only_when_asked() -> None:
     assert 0.3 < swapped.float().mean() < 0.45  # half drawn again, a quarter of those landing on their own
     assert not (noisy[swapped] == 2).any()       # other captions come from the weighted training draw
     assert (noisy[swapped] == 3).float().mean() > 0.4
+
+
+def test_dataset_caption_noise_relabels_only_unique_images() -> None:
+    clean, samples = build_rows(3, 16, 400, 2, 2, 5)
+    noisy, same = build_rows(3, 16, 400, 2, 2, 5, caption_noise=0.5)
+    assert same == samples and [r.file_name for r in noisy] == [r.file_name for r in clean]
+    changed = [a.kind for a, b in zip(clean, noisy) if a.text != b.text]
+    assert set(changed) == {"unique"} and 0.4 < len(changed) / 400 < 0.6
+    assert all((a.shape, a.colour, a.background) == (b.shape, b.colour, b.background) for a, b in zip(clean, noisy))
 
 
 SMALL_RECIPE = ["dataset.n_unique=24", "dataset.n_trigger=1", "dataset.n_shared=1", "dataset.repeats=3",
