@@ -20,7 +20,7 @@ evaluation prompts (``prompt``, ``group``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +131,7 @@ def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: in
         else:
             kind, text, count = "unique", s.caption, 1
             if caption_noise > 0 and noise.random() < caption_noise:
-                shape, colour, background = (names[noise.integers(len(names))] for names in ATTRIBUTES.values())
-                text = f"a {colour} {shape} on a {background} background"
+                text = replace(s, **{k: names[noise.integers(len(names))] for k, names in ATTRIBUTES.items()}).caption
         rows.append(Row(f"images/{i:05d}.png", text, kind, count, s.shape, s.colour, s.background))
     return rows, samples
 
