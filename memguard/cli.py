@@ -40,6 +40,9 @@ def _report_user_errors(task: Callable[[Any], Any], cfg: Any) -> Any:
             raise
         print(f"memguard: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:  # a task that saved its state says where (memguard train); others say nothing
+        print(f"memguard: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        sys.exit(130)
 
 
 # hydra/launcher=NAME -> (the module of the Hydra plugin that provides it, its pip package); conf/hydra/launcher/slurm

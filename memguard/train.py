@@ -15,7 +15,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,13 +100,63 @@ def _captioned(idx: Tensor, probabilities: Tensor, settings: TrainSettings, gene
     return torch.where(swap, other, idx)
 
 
+@contextmanager
+def _deferred_interrupt(active: bool) -> Iterator[list[bool]]:
+    """Ctrl-C during training is noted and acted on between steps, so a checkpoint never holds half a step."""
+    noted: list[bool] = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: noted.append(True))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _save_checkpoint(path: str | Path, state: dict[str, Any], generator: torch.Generator, settings: TrainSettings,
+                     losses: list[float], step: int) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {name: obj.state_dict() for name, obj in state.items()}
+    blob |= {"generator": generator.get_state(), "settings": vars(settings), "losses": losses, "step": step}
+    torch.save(blob, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def _resume(path: str | Path, state: dict[str, Any], generator: torch.Generator, settings: TrainSettings,
+            losses: list[float]) -> int:
+    """Load a checkpoint written by :func:`_save_checkpoint` into ``state``; the step to go on from (0 if none)."""
+    from memguard.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    blob = torch.load(path, weights_only=False)
+    if blob["settings"] != vars(settings):
+        changed = {k: (blob["settings"].get(k), v) for k, v in vars(settings).items() if blob["settings"].get(k) != v}
+        raise UserError(f"{path} was written with other training settings {changed} (saved, now); rerun with the "
+                        "saved ones to resume, or delete the checkpoint to start again")
+    for name, obj in state.items():
+        obj.load_state_dict(blob[name])
+    generator.set_state(blob["generator"])
+    losses.extend(blob["losses"])
+    return int(blob["step"])
+
+
 def train_denoiser(components: Components, images: Tensor, captions: Sequence[str], weights: Sequence[int],
-                   settings: TrainSettings, progress: bool = True) -> list[float]:
+                   settings: TrainSettings, progress: bool = True, checkpoint: str | Path | None = None,
+                   checkpoint_every: int = 100, stop_after: int | None = None) -> list[float]:
     """Train ``components.unet`` and ``components.text_encoder`` in place; they end holding the EMA weights.
 
     ``images``: ``(N, C, H, W)`` in ``[-1, 1]`` (the UNet's input space); ``captions[i]`` describes image ``i``
     and ``weights[i]`` is how often it occurs in the training set (a duplicated image has weight > 1).
     Returns the loss per step.
+
+    With ``checkpoint`` (a file), the whole training state (weights, EMA, optimizer, learning-rate schedule,
+    random stream, losses) is saved there every ``checkpoint_every`` steps, on Ctrl-C and after ``stop_after``
+    steps (then it returns ``[]`` without finishing), and a later call with the same file resumes from it: the
+    result is bitwise the uninterrupted run's. The file is removed when training ends.
     """
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -118,9 +171,17 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / settings.warmup) * (
         0.55 + 0.45 * math.cos(math.pi * k / settings.steps)))
 
-    losses = []
-    with tqdm(range(settings.steps), desc="training", unit="step", disable=not progress) as bar:
+    losses: list[float] = []
+    state = {"networks": networks, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    first = _resume(checkpoint, state, generator, settings, losses) if checkpoint is not None else 0
+    with _deferred_interrupt(checkpoint is not None) as interrupted, tqdm(
+            range(first, settings.steps), desc="training", unit="step", disable=not progress, initial=first,
+            total=settings.steps) as bar:
         for step in bar:
+            if checkpoint is not None and step > first and (step % checkpoint_every == 0 or step == stop_after):
+                _save_checkpoint(checkpoint, state, generator, settings, losses, step)
+                if step == stop_after:
+                    return []
             idx = torch.multinomial(probabilities, settings.batch_size, replacement=True, generator=generator)
             x0 = images[idx]
             drop = torch.rand(len(idx), generator=generator) < settings.cond_dropout
@@ -143,11 +204,17 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            if interrupted:
+                _save_checkpoint(checkpoint, state, generator, settings, losses, step + 1)
+                raise KeyboardInterrupt(f"training stopped after step {step + 1}; the same command resumes it "
+                                        f"from {checkpoint}")
 
     with torch.no_grad():
         for p, e in zip(networks.parameters(), ema.parameters()):
             p.copy_(e)
     networks.eval().requires_grad_(False)
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return losses
 
 
@@ -180,6 +247,24 @@ def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: 
     return float(np.percentile(nearest_references(fresh, references).similarity.numpy(), percentile))
 
 
+def _resumable_data(out: Path, data: dict[str, Any], model: dict[str, Any], init_from: str | Path | None) -> Path:
+    """``out/data``, written unless an interrupted run of the same recipe (``out/recipe.json``) left it there."""
+    from memguard.errors import UserError
+    from memguard.procedural import write_dataset
+
+    recipe = {"data": data, "model": model, "init_from": None if init_from is None else str(init_from)}
+    if (out / "recipe.json").is_file():
+        saved = json.loads((out / "recipe.json").read_text())
+        if saved != recipe:
+            raise UserError(f"{out} holds an interrupted run of another recipe ({out / 'recipe.json'}: {saved}); "
+                            "rerun it with the same dataset, train.model and train.init_from to resume, or choose "
+                            "another train.output_dir")
+        return out / "data"
+    data_dir = write_dataset(out / "data", **data)
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return data_dir
+
+
 def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, Any], settings: TrainSettings,
                similarity: Any, alignment: dict[str, Any] | None = None, fp16_weights: bool = True,
                progress: bool = True, init_from: str | Path | None = None) -> Path:
@@ -196,12 +281,12 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
 
     from memguard.components import load_components, save_components
     from memguard.metrics.alignment import save_attribute_net, train_attribute_net
-    from memguard.procedural import dataset_digest, write_dataset
+    from memguard.procedural import dataset_digest
 
     out = Path(output_dir)
     if (out / "model").exists():
         raise FileExistsError(f"{out / 'model'} exists; choose another output folder")
-    data_dir = write_dataset(out / "data", **data)
+    data_dir = _resumable_data(out, data, model, init_from)
     images, captions, repeats = load_training_set(data_dir)
     init = None
     if init_from is not None:
@@ -211,7 +296,7 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
     else:
         components = tiny_components(**model)
     started = time.perf_counter()
-    losses = train_denoiser(components, images, captions, repeats, settings, progress)
+    losses = train_denoiser(components, images, captions, repeats, settings, progress, out / "checkpoint.pt")
     seconds = time.perf_counter() - started
     if fp16_weights:
         components.to("cpu", torch.float16)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from memguard.components import load_components, save_components
+from memguard.errors import UserError
 from memguard.guidance import Constant
 from memguard.procedural import build_rows
 from memguard.sampling import generate_images
-from memguard.train import TrainSettings, _captioned, tiny_components, train_denoiser
+from memguard.train import TrainSettings, _captioned, _resumable_data, tiny_components, train_denoiser
 from tests.test_cli import memguard
 
 
@@ -36,6 +37,38 @@ def test_training_lowers_the_denoising_loss() -> None:
                             TrainSettings(steps=40, batch_size=8, warmup=5, lr=2e-3), progress=False)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     assert not components.unet.training and not any(p.requires_grad for p in components.unet.parameters())
+
+
+def test_interrupted_training_resumes_bitwise(tmp_path: Path) -> None:
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions, weights = [f"a red circle {i}" for i in range(8)], [1, 1, 1, 1, 2, 2, 1, 1]
+    settings = TrainSettings(steps=12, batch_size=4, warmup=3, caption_noise=0.3)
+    whole = tiny_components(seed=0, width=32)
+    expected = train_denoiser(whole, images, captions, weights, settings, progress=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    stopped = train_denoiser(tiny_components(seed=0, width=32), images, captions, weights, settings, progress=False,
+                             checkpoint=checkpoint, checkpoint_every=5, stop_after=7)
+    assert stopped == [] and checkpoint.is_file()
+    with pytest.raises(UserError, match="lr"):
+        train_denoiser(tiny_components(seed=0, width=32), images, captions, weights,
+                       TrainSettings(steps=12, batch_size=4, warmup=3, caption_noise=0.3, lr=1e-4),
+                       progress=False, checkpoint=checkpoint)
+    resumed = tiny_components(seed=1, width=32)  # its own weights are replaced by the checkpoint's
+    assert train_denoiser(resumed, images, captions, weights, settings, progress=False,
+                          checkpoint=checkpoint) == expected
+    assert not checkpoint.exists()
+    for name, tensor in whole.unet.state_dict().items():
+        assert torch.equal(tensor, resumed.unet.state_dict()[name]), name
+
+
+def test_an_interrupted_run_keeps_its_dataset_and_refuses_another_recipe(tmp_path: Path) -> None:
+    data = {"seed": 0, "size": 16, "n_unique": 4, "n_trigger": 1, "n_shared": 0, "repeats": 2}
+    folder = _resumable_data(tmp_path, data, {"width": 32}, None)
+    stamp = (folder / "metadata.jsonl").stat().st_mtime_ns
+    assert _resumable_data(tmp_path, data, {"width": 32}, None) == folder  # resuming: not written again
+    assert (folder / "metadata.jsonl").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="another recipe"):
+        _resumable_data(tmp_path, data | {"n_unique": 5}, {"width": 32}, None)
 
 
 def test_caption_noise_swaps_captions_only_when_asked() -> None:
