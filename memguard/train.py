@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from memguard.components import Components, clip_tokenizer, sd_scheduler
+from memguard.runs.folder import atomic_path, atomic_write_text
 
 
 def tiny_components(seed: int = 0, size: int = 16, width: int = 32, text_width: int = 64,
@@ -120,8 +121,8 @@ def _save_checkpoint(path: str | Path, state: dict[str, Any], generator: torch.G
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {name: obj.state_dict() for name, obj in state.items()}
     blob |= {"generator": generator.get_state(), "settings": vars(settings), "losses": losses, "step": step}
-    torch.save(blob, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_path(path) as tmp:  # a run killed while saving keeps the previous checkpoint
+        torch.save(blob, tmp)
 
 
 def _resume(path: str | Path, state: dict[str, Any], generator: torch.Generator, settings: TrainSettings,
@@ -261,7 +262,7 @@ def _resumable_data(out: Path, data: dict[str, Any], model: dict[str, Any], init
                             "another train.output_dir")
         return out / "data"
     data_dir = write_dataset(out / "data", **data)
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=2) + "\n")
     return data_dir
 
 
