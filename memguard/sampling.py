@@ -54,16 +54,6 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: tor
 
 
 @torch.no_grad()
-def encode_prompts(components: Components, prompts: Sequence[str]) -> Tensor:
-    """CLIP text embeddings ``(len(prompts), 77, dim)``, tokenized and encoded as StableDiffusionPipeline does."""
-    tokenizer, encoder = components.tokenizer, components.text_encoder
-    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
-    return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
-
-
-@torch.no_grad()
 def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Conditions | Tensor,
            uncond: Conditions | Tensor, noise: Tensor, schedule: GuidanceSchedule, steps: int,
            callback: StepCallback | None = None, start: int = 0, prefix: Trajectory | None = None,

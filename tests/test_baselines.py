@@ -87,7 +87,8 @@ def test_wen_results_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path:
 def _step0(components, attention) -> dict:
     """eps_u and eps_c at the first step of one tiny batch, with or without an attention baseline."""
     from memguard.guidance import Constant
-    from memguard.sampling import encode_prompts, initial_noise, sample
+    from memguard.families.sd import encode_prompts
+    from memguard.sampling import initial_noise, sample
 
     seen = {}
     prompts = ["a red circle", "a blue square on a white background"]
@@ -205,7 +206,8 @@ def _wen_reference(unet, x_set: Tensor, t: Tensor, cond: Tensor, uncond: Tensor,
 def test_wen_shared_embedding_matches_a_reference_written_from_the_description(tiny_components) -> None:
     from memguard.baselines import WenSharedEmbedding
     from memguard.families import as_family
-    from memguard.sampling import encode_prompts, initial_noise
+    from memguard.families.sd import encode_prompts
+    from memguard.sampling import initial_noise
 
     unet, t = tiny_components.unet, torch.tensor(999)
     cond, uncond = encode_prompts(tiny_components, ["a red circle"]), encode_prompts(tiny_components, [""])

@@ -8,7 +8,8 @@ import torch
 
 from memguard.basin import CfgFrom, branch, check_starts, empirical_transition
 from memguard.errors import UserError
-from memguard.sampling import encode_prompts, initial_noise, sample
+from memguard.families.sd import encode_prompts
+from memguard.sampling import initial_noise, sample
 
 
 def test_branches_equal_independent_runs_at_a_fraction_of_the_cost(tiny_components) -> None:

@@ -19,6 +19,16 @@ from memguard.components import Components, load_components, random_components, 
 from memguard.families import Conditions, Family
 
 
+@torch.no_grad()
+def encode_prompts(components: Components, prompts: Sequence[str]) -> Tensor:
+    """CLIP text embeddings ``(len(prompts), 77, dim)``, tokenized and encoded as StableDiffusionPipeline does."""
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+    return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
+
+
 class SD(Family):
     """Stable Diffusion 1.x / 2.x components (:class:`~memguard.components.Components`) as a family adapter."""
 
@@ -56,8 +66,6 @@ class SD(Family):
         return self
 
     def encode(self, prompts: Sequence[str], size: int | None = None) -> Conditions:
-        from memguard.sampling import encode_prompts
-
         return {"encoder_hidden_states": encode_prompts(self.components, prompts).to(self.denoiser.dtype)}
 
     def null(self, n: int, size: int | None = None) -> Conditions:
