@@ -62,9 +62,10 @@ class WenEmbeddingOptimization:
         L(e_p) = || eps(x_T, T, e_p) - eps(x_T, T, e_empty) ||_2        (= sqrt(d_T))
 
     over the prompt's text embedding e_p with AdamW (``lr``), until L <= ``l_target`` or ``max_iters``
-    iterations; sampling then uses the optimised embedding. Each image stops on its own (an image that reached
-    its target is frozen), so results do not depend on batch size. Returns per image the iterations used, the
-    first and final L, and whether the target was reached.
+    iterations; sampling then uses the optimised embedding. The start token's gradient is zeroed, as in Wen et
+    al.'s code (see :class:`WenSharedEmbedding`). Each image stops on its own (an image that reached its target
+    is frozen), so results do not depend on batch size. Returns per image the iterations used, the first and
+    final L, and whether the target was reached.
     """
 
     def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
@@ -96,6 +97,7 @@ class WenEmbeddingOptimization:
                 break
             optimizer.zero_grad(set_to_none=True)
             (norms * active).sum().backward()
+            embedding.grad[:, 0] = 0  # the start token is not optimised (as WenSharedEmbedding)
             frozen = embedding.detach().clone()
             optimizer.step()
             with torch.no_grad():  # AdamW's decay and momentum must not move images that are done
@@ -113,9 +115,10 @@ class WenSharedEmbedding:
         L(e_p) = || stack_i [eps(x_T^i, T, e_p) - eps(x_T^i, T, e_empty)] ||_2,
 
     stopping (the whole set together) once L <= ``l_target`` or after ``max_iters`` steps; the start token's
-    gradient is zeroed. YuxinWenRick/diffusion_memorization ``local_sd_pipeline.py``: one embedding repeated
-    over ``num_images_per_prompt`` (lines 556 and 598-603), ``torch.norm(noise_pred_text, p=2)`` over the
-    stacked set (line 618), the check before each step (lines 635-639), ``grad[:, [0]] * 0`` (lines 644-646).
+    gradient is zeroed. YuxinWenRick/diffusion_memorization ``local_sd_pipeline.py`` (commit c8fe471): one
+    embedding repeated over ``num_images_per_prompt`` (lines 556 and 598-605), ``torch.norm(noise_pred_text,
+    p=2)`` over the stacked set (line 618), the stop check before each step (lines 640-644),
+    ``grad[:, [0]] * 0`` (lines 649-651).
     As there, AdamW's decoupled weight decay (its default 0.01) still acts on the start token.
 
     The set's initial latents are drawn again from ``seeds`` (every seed of the run; the runner sets them), so
