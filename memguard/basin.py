@@ -148,7 +148,7 @@ def basin(cfg) -> dict:
     from memguard.errors import UserError, instantiate_checked
     from memguard.evaluate import STAGES, planned_stages, reference_files
     from memguard.families import family_class, load_family
-    from memguard.runner import DTYPES, build_scheduler, check_settings
+    from memguard.runner import DTYPES, build_scheduler, check_settings, resolve_sampler
     from memguard.runs.folder import Record, read_record, update_metrics, write_image
     from memguard.runs.prompts import load_prompts, load_seeds
     from memguard.sampling import decode, prepare_batch
@@ -174,6 +174,7 @@ def basin(cfg) -> dict:
     planned_stages(cfg)
     device = resolve_device(cfg.device)
     family = family_class(cfg.model.path, cfg.model.get("family"))
+    resolve_sampler(cfg, family)
     template = build_scheduler(cfg, load_scheduler(cfg.model.path))
     family.check_scheduler(template)
     if cfg.threads:

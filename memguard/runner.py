@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
+import memguard
 from memguard.baselines import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
@@ -80,6 +81,21 @@ def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedul
     except ValueError as err:
         raise UserError(f"mitigation.schedule.{err} (mitigation={cfg.mitigation.name})") from err
     return schedule
+
+
+def resolve_sampler(cfg: DictConfig, family: type[Family]) -> None:
+    """``sampler=auto``: ``cfg.sampler`` becomes the family's own sampler (``conf/sampler/<family.sampler>.yaml``:
+    DPM-Solver++ for eps and v models, flow-matching Euler for flow models) with the run's ``steps`` and any
+    ``scheduler`` keys given, and the choice is logged; config.yaml then records it. A named sampler is kept."""
+    if cfg.sampler.name != "auto":
+        return
+    chosen = OmegaConf.load(memguard.ROOT / "conf" / "sampler" / f"{family.sampler}.yaml")
+    extra = {k: v for k, v in OmegaConf.to_container(cfg.sampler.scheduler).items() if k != "_target_"}
+    chosen.steps, chosen.scheduler = cfg.sampler.steps, OmegaConf.merge(chosen.scheduler, extra)
+    with open_dict(cfg):
+        cfg.sampler = chosen
+    log.info("sampler=auto: %s (%s, %d steps), the sampler of a %s model; name another with sampler=NAME",
+             chosen.name, chosen.scheduler._target_.split(".")[1], chosen.steps, family.name)
 
 
 def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -146,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = shard.device(resolve_device(cfg.device))
     check_gpu_settings(cfg, device)
     family = family_class(cfg.model.path, cfg.model.get("family"))
+    resolve_sampler(cfg, family)
     scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
     family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)

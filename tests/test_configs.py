@@ -33,7 +33,7 @@ def test_every_mitigation_instantiates_a_schedule(mitigation: str) -> None:
     schedule.check_timesteps(1000)
 
 
-@pytest.mark.parametrize("sampler", options("sampler"))
+@pytest.mark.parametrize("sampler", [s for s in options("sampler") if s != "auto"])
 def test_every_sampler_builds_from_a_model_scheduler_config(sampler: str, tiny_components) -> None:
     cfg = compose_config([f"sampler={sampler}"])
     scheduler = instantiate(cfg.sampler.scheduler, _partial_=True)(tiny_components.scheduler.config)
@@ -110,3 +110,20 @@ def test_table_experiments_sweep_exactly_their_tables_rows(number: int) -> None:
     options_swept = cfg.hydra.sweeper.params.mitigation.split(",")
     names = [compose_config([f"experiment=table{number}", f"mitigation={m}"]).mitigation.name for m in options_swept]
     assert names == [row.mitigation for row in table.rows]  # each row's run folder is made by the sweep
+
+
+@pytest.mark.parametrize(("family", "chosen"), [("sd", "dpm"), ("sdxl", "dpm"), ("dit", "dpm"), ("sd3", "flow")])
+def test_sampler_auto_becomes_the_family_sampler_with_the_runs_steps_and_keys(family: str, chosen: str) -> None:
+    from memguard.families import _family_class
+    from memguard.runner import resolve_sampler
+
+    cfg = compose_config(["sampler.steps=7", "+sampler.scheduler.solver_order=3"] if chosen == "dpm" else
+                         ["sampler.steps=7"])
+    assert cfg.sampler.name == "auto"
+    resolve_sampler(cfg, _family_class(family))
+    assert cfg.sampler.name == chosen and cfg.sampler.steps == 7
+    assert cfg.sampler.scheduler._target_ == compose_config([f"sampler={chosen}"]).sampler.scheduler._target_
+    assert cfg.sampler.scheduler.get("solver_order") == (3 if chosen == "dpm" else None)
+    named = compose_config(["sampler=ddim"])
+    resolve_sampler(named, _family_class(family))
+    assert named.sampler.name == "ddim"  # a named sampler is kept (and checked against the family when built)

@@ -68,6 +68,7 @@ class Family:
     pipeline_class: ClassVar[str]  # diffusers pipeline class, as ``_class_name`` in model_index.json
     subfolders: ClassVar[tuple[str, ...]]  # model_index.json entries the family needs (may be null: optional)
     optional: ClassVar[tuple[str, ...]] = ()  # entries of ``subfolders`` that may be null
+    sampler: ClassVar[str] = "dpm"  # what sampler=auto chooses (conf/sampler/NAME.yaml): the paper's DPM-Solver++
     text: ClassVar[bool] = True  # prompts are text: prompt and embedding baselines apply
     cross_attention: ClassVar[bool] = False  # the denoiser has attn2 cross-attention: Ren et al.'s baseline applies
 
@@ -172,6 +173,14 @@ class Family:
         """Write a diffusers folder that :func:`load_family` and the family's diffusers pipeline both read."""
         self.pipeline().save_pretrained(folder)
         return Path(folder)
+
+
+def null_entries(folder: Path) -> dict[str, None]:
+    """The ``model_index.json`` entries that are null (``[null, null]``, e.g. SD3's ``text_encoder_3`` without T5),
+    as keyword arguments ``{name: None}``: a pipeline's ``from_pretrained`` refuses such a folder unless each is
+    passed as None explicitly (diffusers 0.42 ``DiffusionPipeline.from_pretrained``)."""
+    index = read_model_index(folder)
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}
 
 
 def _flow_matching(scheduler: SchedulerMixin) -> bool:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from memguard.errors import UserError
-from memguard.families import Conditions, Family
+from memguard.families import Conditions, Family, null_entries
 
 
 class DiT(Family):
@@ -102,7 +102,8 @@ class DiT(Family):
         from diffusers import DiTPipeline
 
         try:
-            pipe = DiTPipeline.from_pretrained(folder, dtype=dtype, id2label=None)  # labels: read below
+            pipe = DiTPipeline.from_pretrained(folder, dtype=dtype, id2label=None,  # labels: read below
+                                               **null_entries(folder))
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"model.path={str(folder)!r} could not be loaded as a DiT folder ({err}); it holds "
                             "model_index.json, transformer/, vae/, scheduler/") from err

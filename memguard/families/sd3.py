@@ -1,6 +1,6 @@
 """The ``sd3`` family: Stable Diffusion 3 (``StableDiffusion3Pipeline``, e.g.
 ``stabilityai/stable-diffusion-3-medium-diffusers``), an MMDiT (``SD3Transformer2DModel``) trained by rectified flow
-and sampled with ``FlowMatchEulerDiscreteScheduler`` (``sampler=flow``).
+and sampled with ``FlowMatchEulerDiscreteScheduler`` (``sampler=flow``, which ``sampler=auto`` chooses).
 
 Condition, as pipeline_stable_diffusion_3.py ``encode_prompt`` (lines 428-464): each CLIP encoder's penultimate
 hidden state of the prompt (77 tokens), concatenated along features and zero-padded to T5's width, followed along
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from memguard.errors import UserError
-from memguard.families import Conditions, Family, _flow_matching
+from memguard.families import Conditions, Family, _flow_matching, null_entries
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class SD3(Family):
     subfolders = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                   "text_encoder_3", "tokenizer_3", "scheduler")
     optional = ("text_encoder_3", "tokenizer_3")
+    sampler = "flow"  # a velocity model: DPM-Solver++ cannot sample it
     max_sequence_length = 256  # T5 tokens (the pipeline's default)
 
     def __init__(self, transformer: torch.nn.Module, vae: Any, text_encoder: Any, tokenizer: Any, text_encoder_2: Any,
@@ -112,7 +113,7 @@ class SD3(Family):
                             "prediction); use sampler=flow")
         if scheduler.config.get("use_dynamic_shifting"):
             raise UserError("sampler.scheduler: use_dynamic_shifting=true needs the pipeline's resolution-dependent "
-                            "shift, which memguard does not compute; set sampler.scheduler.+use_dynamic_shifting=false")
+                            "shift, which memguard does not compute; set +sampler.scheduler.use_dynamic_shifting=false")
 
     def pipeline(self, scheduler: Any = None) -> Any:
         from diffusers import StableDiffusion3Pipeline
@@ -171,7 +172,7 @@ class SD3(Family):
         from diffusers import StableDiffusion3Pipeline
 
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype)
+            pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, **null_entries(folder))
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"model.path={str(folder)!r} could not be loaded as an SD3 folder ({err}); it holds "
                             "model_index.json, transformer/, vae/, text_encoder(_2, _3)/, tokenizer(_2, _3)/, "

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from memguard.errors import UserError
-from memguard.families import Conditions, Family
+from memguard.families import Conditions, Family, null_entries
 
 
 class SDXL(Family):
@@ -141,7 +141,8 @@ class SDXL(Family):
         from diffusers import StableDiffusionXLPipeline
 
         try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False)
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False,
+                                                             **null_entries(folder))
         except (OSError, ValueError, TypeError) as err:
             raise UserError(f"model.path={str(folder)!r} could not be loaded as an SDXL folder ({err}); it holds "
                             "model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/") from err
