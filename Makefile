@@ -5,10 +5,10 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test smoke bench tables table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model clean
+.PHONY: help install test test-cpus test-numerics smoke bench tables table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model clean
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned), build the random demo model
 
@@ -22,6 +22,19 @@ $(RANDOM_MODEL): | $(MG)
 
 test: $(MG) $(RANDOM_MODEL)  ## run the test suite
 	$(PY) -m pytest -q
+
+# torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits
+CAPABILITIES := default avx2 avx512
+# the test files whose numbers come from the networks (sampling, families, baselines, metrics, detection)
+NUMERIC_TESTS := tests/test_sampling.py tests/test_families.py tests/test_baselines.py tests/test_guidance.py \
+	tests/test_similarity.py tests/test_metrics.py tests/test_fid_streaming.py tests/test_detection.py
+
+test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability (default, avx2, avx512) in turn
+	@for cap in $(CAPABILITIES); do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
+		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q || exit 1; done
+
+test-numerics: $(MG) $(RANDOM_MODEL)  ## the numerics-heavy test files under ATEN_CPU_CAPABILITY=default (CI's second pass)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(NUMERIC_TESTS)
 
 smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo model, 4 steps (debug settings)
 	$(MG) run -m experiment=schedules debug=default scenario=random_tiny

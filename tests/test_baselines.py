@@ -86,8 +86,8 @@ def test_wen_results_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path:
 
 def _step0(components, attention) -> dict:
     """eps_u and eps_c at the first step of one tiny batch, with or without an attention baseline."""
-    from memguard.guidance import Constant
     from memguard.families.sd import encode_prompts
+    from memguard.guidance import Constant
     from memguard.sampling import initial_noise, sample
 
     seen = {}

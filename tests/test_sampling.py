@@ -8,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from memguard.components import Components
-from memguard.guidance import Constant, DynamicTransition
 from memguard.families.sd import encode_prompts
+from memguard.guidance import Constant, DynamicTransition
 from memguard.sampling import generate_images, initial_noise, sample
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
