@@ -33,8 +33,9 @@ PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding 
 
 
 def sampler(family: Family):
-    """DPM-Solver++ (the paper's), or flow-matching Euler for sd3, from the model's scheduler config."""
-    cls = FlowMatchEulerDiscreteScheduler if family.name == "sd3" else DPMSolverMultistepScheduler
+    """What ``sampler=auto`` takes (``Family.sampler``): DPM-Solver++ (the paper's), or flow-matching Euler for a
+    flow model, from the model's scheduler config."""
+    cls = FlowMatchEulerDiscreteScheduler if family.sampler == "flow" else DPMSolverMultistepScheduler
     return cls.from_config(family.scheduler.config)
 
 
