@@ -128,3 +128,12 @@ def test_auto_without_threshold_or_calibration_names_the_key(tmp_path) -> None:
     assert Auto(Constant(7.5), 7.5, threshold=None, calibration=str(tmp_path / "c.json")).threshold == 2.5
     with pytest.raises(UserError, match="detect_step=0, not mitigation.auto.detect_step=3"):
         Auto(Constant(7.5), 7.5, threshold=None, detect_step=3, calibration=str(tmp_path / "c.json"))
+
+
+def test_dtp_margin_names_a_near_tie() -> None:
+    from tests.numerics import TIE, assert_away_from_dtp_ties, dtp_margin
+
+    assert dtp_margin([9.0, 4.0, 8.0, 1.0]) == pytest.approx(4 / 8)  # stops at the switch (k = 2): 9>4, 4<8
+    assert dtp_margin([5.0, 4.0, 4.0 * (1 + 1e-6), 9.0]) < TIE  # 4 vs 4.000004 decides the switch: a tie
+    with pytest.raises(AssertionError, match="near-tie"):
+        assert_away_from_dtp_ties([[5.0, 4.0, 4.0 * (1 + 1e-6), 9.0]])
