@@ -110,7 +110,7 @@ class WenEmbeddingOptimization:
 
 class WenSharedEmbedding:
     """Wen et al. (ICLR 2024) as their code runs it: ONE text embedding per prompt, shared by the prompt's whole
-    image set (all the run's seeds), optimised with AdamW (``lr``) on one L2 norm over the set,
+    image set (all the prompt's seeds), optimised with AdamW (``lr``) on one L2 norm over the set,
 
         L(e_p) = || stack_i [eps(x_T^i, T, e_p) - eps(x_T^i, T, e_empty)] ||_2,
 
@@ -121,8 +121,10 @@ class WenSharedEmbedding:
     ``grad[:, [0]] * 0`` (lines 649-651).
     As there, AdamW's decoupled weight decay (its default 0.01) still acts on the start token.
 
-    The set's initial latents are drawn again from ``seeds`` (every seed of the run; the runner sets them), so
-    the embedding does not depend on which batch an image lands in; it is computed once per prompt and cached.
+    The set's initial latents are drawn again from the image's set of seeds, ``image_set(seed)`` (the runner
+    sets it: every seed of the run, or under ``seed_scheme=per_prompt`` the prompt's own; without it, the
+    batch's seeds), so the embedding does not depend on which batch an image lands in; it is computed once per
+    prompt and cached.
     Returns, per image, its set's iterations, first and final L and whether the target was reached.
     """
 
@@ -130,7 +132,7 @@ class WenSharedEmbedding:
         if l_target <= 0 or lr <= 0 or max_iters < 0:
             raise ValueError(f"l_target={l_target}, lr={lr} must be > 0 and max_iters={max_iters} >= 0")
         self.l_target, self.lr, self.max_iters = l_target, lr, max_iters
-        self.seeds: list[int] | None = None
+        self.image_set: Callable[[int], Sequence[int]] | None = None
         self._cache: dict[tuple, tuple[Tensor, dict[str, float]]] = {}
 
     def __call__(self, model: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x_in: Tensor, t: Tensor,
@@ -141,11 +143,12 @@ class WenSharedEmbedding:
         ``cond["encoder_hidden_states"]`` is optimised (SDXL's and SD3's pooled embeddings stay as encoded);
         ``model_input(seeds)``: the first step's scaled model input for those seeds (as ``x_in`` is drawn)."""
         embeddings = cond["encoder_hidden_states"]
-        if model_input is None or len(prompts) != len(embeddings):
-            raise ValueError("WenSharedEmbedding needs the batch's prompts and a model_input(seeds) function")
-        image_set = list(self.seeds if self.seeds is not None else seeds)
+        if model_input is None or len(prompts) != len(embeddings) or len(seeds) != len(prompts):
+            raise ValueError("WenSharedEmbedding needs the batch's prompts, their seeds and a model_input(seeds) "
+                             "function")
         rows, infos = [], []
         for i, prompt in enumerate(prompts):
+            image_set = list(self.image_set(seeds[i]) if self.image_set is not None else seeds)
             key = (prompt, tuple(image_set), float(t), tuple(x_in.shape[1:]))
             if key not in self._cache:
                 one = {k: v[i : i + 1] for k, v in cond.items()}, {k: v[i : i + 1] for k, v in uncond.items()}

@@ -105,7 +105,7 @@ def empirical_transition(starts: Sequence[int], copies: Sequence[bool]) -> int |
 # ---------------------------------------------------------------------------------------------------------------
 # The task: `memguard basin`
 
-FOLDER_KEYS = ("scenario", "model", "sampler", "guidance", "resolution", "dtype")
+FOLDER_KEYS = ("scenario", "model", "sampler", "guidance", "resolution", "dtype", "seed_scheme")
 
 
 def branch_name(prompt_idx: int, seed: int, start: int | None) -> str:
@@ -122,15 +122,17 @@ def _check_basin_folder(cfg, run_dir) -> None:
     from omegaconf import OmegaConf
 
     from memguard.errors import UserError
-    from memguard.runs.folder import differences
+    from memguard.runs.folder import FORMER_DEFAULTS, differences
 
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         return
     old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
     new = OmegaConf.to_container(cfg, resolve=True)
-    diffs = differences({k: old.get(k) for k in FOLDER_KEYS} | {"basin.opposite": old.get("basin", {}).get("opposite")},
-                         {k: new.get(k) for k in FOLDER_KEYS} | {"basin.opposite": new["basin"]["opposite"]})
+    diffs = differences({k: old.get(k, FORMER_DEFAULTS.get(k)) for k in FOLDER_KEYS}
+                        | {"basin.opposite": old.get("basin", {}).get("opposite")},
+                        {k: new.get(k, FORMER_DEFAULTS.get(k)) for k in FOLDER_KEYS}
+                        | {"basin.opposite": new["basin"]["opposite"]})
     if diffs:
         raise UserError(f"basin folder {run_dir} holds images made with other settings ({'; '.join(diffs)}); resume "
                         "with the same settings, or choose another folder with basin.name=NAME")
@@ -186,19 +188,19 @@ def basin(cfg) -> dict:
     image_dir = run_dir / "images"
     wanted = [None, *starts]
     records: dict[tuple[int, int, int | None], Record] = {}
-    for idx, prompt in enumerate(prompts):
-        for seed in seeds:
-            for k in wanted:
-                path = image_dir / branch_name(idx, seed, k)
-                if path.exists():
-                    record = read_record(path)
-                    if record is None or record.prompt != prompt:
-                        raise UserError(f"{path} was made for another prompt; the prompt list changed since this "
-                                        "folder was made: choose another folder with basin.name=NAME")
-                    records[(idx, seed, k)] = record
+    pairs = seeds.pairs(len(prompts))
+    for idx, seed in pairs:
+        for k in wanted:
+            path = image_dir / branch_name(idx, seed, k)
+            if path.exists():
+                record = read_record(path)
+                if record is None or record.prompt != prompts[idx]:
+                    raise UserError(f"{path} was made for another prompt; the prompt list changed since this "
+                                    "folder was made: choose another folder with basin.name=NAME")
+                records[(idx, seed, k)] = record
     image_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
-    todo = [(i, s) for i in range(len(prompts)) for s in seeds if any((i, s, k) not in records for k in wanted)]
+    todo = [(i, s) for i, s in pairs if any((i, s, k) not in records for k in wanted)]
 
     # 3. One shared prefix per image, its branches; only missing files are written
     started, evaluations = time.perf_counter(), 0
@@ -225,14 +227,13 @@ def basin(cfg) -> dict:
     import pandas as pd
 
     rows = []
-    for idx in range(len(prompts)):
-        for seed in seeds:
-            prefix = records[(idx, seed, None)]
-            for k in starts:
-                rows.append({"prompt_idx": idx, "prompt": prompts[idx], "group": loaded.groups[idx],
-                             "reference_key": loaded.reference_keys[idx], "seed": seed, "start": k,
-                             "timestep": prefix.timesteps[k], "d": prefix.d[k],
-                             "file": f"images/{branch_name(idx, seed, k)}"})
+    for idx, seed in pairs:
+        prefix = records[(idx, seed, None)]
+        for k in starts:
+            rows.append({"prompt_idx": idx, "prompt": prompts[idx], "group": loaded.groups[idx],
+                         "reference_key": loaded.reference_keys[idx], "seed": seed, "start": k,
+                         "timestep": prefix.timesteps[k], "d": prefix.d[k],
+                         "file": f"images/{branch_name(idx, seed, k)}"})
     frame = pd.DataFrame(rows)
     references = reference_files(cfg.references)
     stage_results = {}
@@ -244,7 +245,7 @@ def basin(cfg) -> dict:
     frame.to_csv(run_dir / "basin.csv", index=False)
     transitions = transition_table(frame, records, starts, steps, float(cfg.basin.tau))
     transitions.to_csv(run_dir / "transitions.csv", index=False)
-    n_images = len(prompts) * len(seeds)
+    n_images = len(pairs)
     per_image = steps + sum(steps - k for k in starts)
     metrics = update_metrics(run_dir, {
         "task": "basin", "scenario": cfg.scenario.name, "guidance_scale": scale, "opposite": opposite,
@@ -318,7 +319,7 @@ def transition_summary(transitions, starts: list[int], steps: int) -> dict:
 
 
 def write_strips(run_dir, frame, transitions, records, starts: list[int], steps: int, max_rows: int = 8) -> None:
-    """``basin.png``: per (prompt, first seed), up to ``max_rows``, the images by start step left to right (red
+    """``basin.png``: per (prompt, its first seed), up to ``max_rows``, the images by start step left to right (red
     frame: copy), the prefix's own image last, and under them ``d_t`` of the prefix with the empirical
     transition (green), DTP's switch (blue) and STP's (grey) marked."""
     import matplotlib
@@ -329,8 +330,7 @@ def write_strips(run_dir, frame, transitions, records, starts: list[int], steps:
     import pandas as pd
     from PIL import Image
 
-    first_seed = frame.seed.iloc[0]
-    chosen = transitions[transitions.seed == first_seed].head(max_rows)
+    chosen = transitions.drop_duplicates("prompt_idx").head(max_rows)  # seeds differ by prompt (seed_scheme)
     n = len(starts)
     fig, axes = plt.subplots(2 * len(chosen), 1, figsize=(1.1 * (n + 1) + 1, 2.6 * len(chosen)), squeeze=False,
                              height_ratios=[1, 0.9] * len(chosen))

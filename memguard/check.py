@@ -162,13 +162,12 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
         report.problems.append(f"{err}{source(cfg, 'prompts_file')}")
         return None
     texts = loaded.texts
-    report.notes.append(f"prompts: {len(texts)}" + (f" from {cfg.prompts_file}" if cfg.prompts_file else ""))
-    if cfg.prompts_file is not None:
-        lines = Path(cfg.prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
-        blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
-        if blank:
-            report.warnings.append(f"prompts_file={str(cfg.prompts_file)!r}: {len(blank)} blank line(s) skipped "
-                                   f"(line {', '.join(map(str, blank[:5]))}{' ...' if len(blank) > 5 else ''})")
+    report.notes.append(f"prompts: {len(texts)}" + (f" from {cfg.prompts_file} ({loaded.source})" if cfg.prompts_file
+                                                     else ""))
+    blank = loaded.blank_lines  # as the file's format reads it (a CSV cell may span lines)
+    if blank:
+        report.warnings.append(f"prompts_file={str(cfg.prompts_file)!r}: {len(blank)} blank line(s) skipped "
+                               f"(line {', '.join(map(str, blank[:5]))}{' ...' if len(blank) > 5 else ''})")
     seen: dict[str, int] = {}
     duplicates = [(i, seen[t]) for i, t in enumerate(texts) if seen.setdefault(t, i) != i]
     if duplicates:

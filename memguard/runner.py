@@ -5,7 +5,7 @@ tables and figures)::
 
     config.yaml          the resolved config
     images/{prompt_idx:05d}_{seed}.png
-                         one PNG per generation; its "memguard" text chunk holds the prompt, seed and the
+                         one PNG per generation (seed: the image's own, under seed_scheme; runs.prompts.Seeds); its "memguard" text chunk holds the prompt, seed and the
                          per-step trajectory, so an image and its record are written in one atomic rename
     trajectories.csv     prompt_idx, seed, step, timestep, d, scale   (rebuilt from the PNGs)
     generations.csv      prompt_idx, prompt, seed, file, transition_step, transition_timestep
@@ -169,16 +169,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
                              for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
     family.check_baselines(baselines, cfg.mitigation.name)
-    if hasattr(baselines.embedding, "seeds"):  # a per-prompt embedding is shared by all the prompt's seeds
-        baselines.embedding.seeds = seeds
+    if hasattr(baselines.embedding, "image_set"):  # a per-prompt embedding is shared by all the prompt's seeds
+        baselines.embedding.image_set = seeds.image_set
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
     # 2. The run folder: same settings as before, or new
     run_dir = Path(cfg.run_dir)
     check_folder(cfg, run_dir)
-    pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
-    records = existing_records(run_dir, prompts, seeds, {p for p in pairs if shard.owns(*p)} if shard.sharded else None)
+    pairs = seeds.pairs(len(prompts))
+    records = existing_records(run_dir, prompts, pairs, {p for p in pairs if shard.owns(*p)} if shard.sharded else None)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
     todo = [p for p in pairs if p not in records and shard.owns(*p)]
@@ -196,13 +196,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if shard.sharded:  # the other shards' images, as far as they are written
         record_shard(run_dir, shard, {"images_made": len(todo), "seconds": round(seconds, 3), "device": str(device)})
-        records.update(existing_records(run_dir, prompts, seeds, {p for p in pairs if p not in records}))
+        records.update(existing_records(run_dir, prompts, pairs, {p for p in pairs if p not in records}))
         if len(records) < len(pairs):
             return unfinished_result(run_dir, shard, len(todo), len(pairs) - len(records), len(pairs))
 
     # 4. Tables, figures, metrics: by this process unless another is finishing the folder (memguard.runs.shard)
     with finishing(run_dir, shard, pairs) as go:
-        return finish(cfg, run_dir, records, loaded, seeds, todo, seconds, evaluating) if go else \
+        return finish(cfg, run_dir, records, loaded, pairs, todo, seconds, evaluating) if go else \
             {"shard": shard.name, "images_made": len(todo), "n_images": len(pairs), "finished": False}
 
 
@@ -213,14 +213,15 @@ def mean_or_none(values: list[float]) -> float | None:
 
 
 def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record], loaded: Prompts,
-           seeds: list[int], todo: list[tuple[int, int]], seconds: float, evaluating: bool) -> dict[str, Any]:
-    """Tables, figures and ``metrics.json`` of a folder with nothing missing, then its evaluation."""
+           pairs: list[tuple[int, int]], todo: list[tuple[int, int]], seconds: float, evaluating: bool) -> dict[str, Any]:
+    """Tables, figures and ``metrics.json`` of a folder with nothing missing (``pairs``: every image, prompt
+    by prompt), then its evaluation."""
     from memguard.evaluate import evaluate  # evaluate imports this module
 
     prompts = loaded.texts
-    ordered = [records[(i, s)] for i in range(len(prompts)) for s in seeds]
+    ordered = [records[pair] for pair in pairs]
     write_tables(run_dir, ordered, loaded)
-    write_figures(run_dir, ordered, seeds)
+    write_figures(run_dir, ordered)
     metrics = update_metrics(run_dir, {
         "scenario": cfg.scenario.name,
         "mitigation": cfg.mitigation.name,

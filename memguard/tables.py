@@ -192,7 +192,7 @@ def run_protocol(run_dir: Path) -> str | None:
     seeds = get("seeds")
     images = len(seeds) if isinstance(seeds, list) else 1 if isinstance(seeds, int) else get("images_per_prompt")
     draw = get("prompt_draw")
-    parts = [f"{images} image(s)/prompt"]
+    parts = [f"{images} image(s)/prompt" + (", seeds per prompt" if get("seed_scheme") == "per_prompt" else "")]
     if draw:
         parts.append(f"prompts drawn: {draw.get('count')} (seed {draw.get('seed')}, "
                      f"{'with' if draw.get('replace', True) else 'without'} replacement)")

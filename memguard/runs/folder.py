@@ -26,7 +26,10 @@ from memguard.guidance import transition_step
 log = logging.getLogger(__name__)
 # Config sections that decide what an image looks like; a run folder only resumes under the same values.
 # (Not ``shard``: shards are by pair, so a folder may be finished with another shard count.)
-GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "resolution", "dtype", "vae_dtype")
+GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "resolution", "dtype", "vae_dtype",
+                   "seed_scheme")
+# What a folder written before a key existed was made with: the key's default then.
+FORMER_DEFAULTS = {"seed_scheme": "shared"}
 PNG_KEY = "memguard"
 
 
@@ -61,7 +64,8 @@ def image_name(prompt_idx: int, seed: int) -> str:
 
 
 def generation_settings(cfg: DictConfig) -> dict[str, Any]:
-    return {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in GENERATION_KEYS}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {key: resolved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS}
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -76,7 +80,8 @@ def check_folder(cfg: DictConfig, run_dir: Path) -> None:
     """Check that an existing run folder was made with the same generation settings as ``cfg``."""
     config_file = run_dir / "config.yaml"
     if config_file.exists():
-        old = {key: OmegaConf.to_container(OmegaConf.load(config_file), resolve=False).get(key) for key in GENERATION_KEYS}
+        saved = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        old = {key: saved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS}
         diffs = differences(old, generation_settings(cfg))
         if diffs:
             raise UserError(
@@ -114,31 +119,29 @@ def finished_record(path: Path) -> Record | None:
         return None
 
 
-def existing_records(run_dir: Path, prompts: list[str], seeds: list[int],
-                     pairs: set[tuple[int, int]] | None = None) -> dict[tuple[int, int], Record]:
-    """Records of the requested images already in the folder; refuses images made for another prompt. An
-    image that cannot be read or has no record is left out, with a warning, so it is made again. ``pairs``
-    (``(prompt_idx, seed)``) reads only those (a shard's own, or the ones other shards were making)."""
+def existing_records(run_dir: Path, prompts: list[str], pairs: list[tuple[int, int]],
+                     only: set[tuple[int, int]] | None = None) -> dict[tuple[int, int], Record]:
+    """Records of the requested images (``pairs``: ``(prompt_idx, seed)``, :meth:`Seeds.pairs
+    <memguard.runs.prompts.Seeds.pairs>`) already in the folder; refuses images made for another prompt. An
+    image that cannot be read or has no record is left out, with a warning, so it is made again. ``only``
+    reads only those pairs (a shard's own, or the ones other shards were making)."""
     records = {}
-    for idx, prompt in enumerate(prompts):
-        for seed in seeds:
-            if pairs is not None and (idx, seed) not in pairs:
-                continue
-            path = run_dir / "images" / image_name(idx, seed)
-            if not path.exists():
-                continue
-            record = finished_record(path)
-            if record is None:
-                log.warning("%s cannot be read or carries no memguard record (never a finished image): made again",
-                            path)
-                continue
-            if record.prompt != prompt:
-                found = f"prompt {record.prompt!r}"
-                raise UserError(
-                    f"{path} has {found}, not prompt {idx} {prompt!r}; the prompt list changed since this folder "
-                    "was made: choose another folder with run_name=NAME"
-                )
-            records[(idx, seed)] = record
+    for idx, seed in pairs:
+        if only is not None and (idx, seed) not in only:
+            continue
+        path = run_dir / "images" / image_name(idx, seed)
+        if not path.exists():
+            continue
+        record = finished_record(path)
+        if record is None:
+            log.warning("%s cannot be read or carries no memguard record (never a finished image): made again", path)
+            continue
+        if record.prompt != prompts[idx]:
+            raise UserError(
+                f"{path} has prompt {record.prompt!r}, not prompt {idx} {prompts[idx]!r}; the prompt list changed "
+                "since this folder was made: choose another folder with run_name=NAME"
+            )
+        records[(idx, seed)] = record
     return records
 
 

@@ -55,8 +55,8 @@ def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None
     ]).astype({"transition_step": "Int64"}).to_csv(index=False))
 
 
-def write_figures(run_dir: Path, records: list[Record], seeds: list[int], max_rows: int = 8, max_cols: int = 8) -> None:
-    """``grid.png`` (rows: prompts, columns: seeds), ``d_curves.png`` (d_t and s per step, every image),
+def write_figures(run_dir: Path, records: list[Record], max_rows: int = 8, max_cols: int = 8) -> None:
+    """``grid.png`` (rows: prompts, columns: each prompt's images by seed), ``d_curves.png`` (d_t and s per step, every image),
     ``norms.png`` (where the norms were recorded) and ``report.html``."""
     import matplotlib
 

@@ -4,7 +4,8 @@ table of ``memguard tables``.
 Every link in a page is relative (``images/...``, ``grid.png``, ``../runs/...``), so a folder can be copied or
 served as it is. The grid's rows are prompts (index, group and text at the left), its first column the nearest
 reference image of the row's images (where the similarity stage ran and the references are still there), its
-other columns seeds; an image scored a copy is outlined in red.
+other columns the row's images by seed (the same seeds in every row unless ``seed_scheme=per_prompt``); an
+image scored a copy is outlined in red.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 
 # Figures of a run folder, in the order the report shows them: file, caption.
 FIGURES = (
-    ("grid.png", "Generations: rows are prompts, columns seeds; first column the nearest reference image; "
+    ("grid.png", "Generations: rows are prompts, columns their images by seed; first column the nearest reference image; "
                  "red outline: a copy"),
     ("d_curves.png", "d_t = ||eps_c - eps_u||^2 and the guidance scale s per step, every image; |: transition"),
     ("norms.png", "Mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per timestep and group (the paper's Figures 3, 9, 10, 12)"),
@@ -55,12 +56,16 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
     threshold = copy_threshold(json.loads(metrics_file.read_text())) if metrics_file.is_file() else None
     root = _reference_root(run_dir)
     prompts = list(dict.fromkeys(gens.prompt_idx))[:max_rows]
-    seeds = list(dict.fromkeys(gens.seed))[:max_cols]
+    # column c: each prompt's c-th image; its seed is the same for every prompt unless seed_scheme=per_prompt
+    by_prompt = {idx: gens[gens.prompt_idx == idx].set_index("seed") for idx in prompts}
+    n_images = min(max_cols, max(len(rows) for rows in by_prompt.values()))
+    column_seeds = [{rows.index[c] for rows in by_prompt.values() if c < len(rows)} for c in range(n_images)]
+    shared = all(len(seeds) == 1 for seeds in column_seeds)
     with_reference = "nearest_reference" in gens and root is not None and root.is_dir()
-    cols = len(seeds) + with_reference
+    cols = n_images + with_reference
     fig, axes = plt.subplots(len(prompts), cols, figsize=(0.9 * cols + 3.2, 0.9 * len(prompts) + 0.3), squeeze=False)
     for r, idx in enumerate(prompts):
-        rows = gens[gens.prompt_idx == idx].set_index("seed")
+        rows = by_prompt[idx]
         first = rows.iloc[0]
         group = "" if pd.isna(first.get("group")) else f" [{first['group']}]"
         text = str(first.prompt)
@@ -73,15 +78,18 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
                 axes[r][0].imshow(Image.open(path).convert("RGB"), interpolation="nearest")
             if r == 0:
                 axes[r][0].set_title("nearest\nreference", fontsize=7)
-        for c, seed in enumerate(seeds, start=int(with_reference)):
-            ax = axes[r][c]
-            if seed in rows.index:
-                ax.imshow(Image.open(run_dir / rows.loc[seed, "file"]).convert("RGB"), interpolation="nearest")
-                is_copy = threshold is not None and "similarity" in rows and rows.loc[seed, "similarity"] > threshold
+        for c in range(n_images):
+            ax = axes[r][c + int(with_reference)]
+            if c < len(rows):
+                row = rows.iloc[c]
+                ax.imshow(Image.open(run_dir / row["file"]).convert("RGB"), interpolation="nearest")
+                is_copy = threshold is not None and "similarity" in rows and row["similarity"] > threshold
                 if is_copy:
                     ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, ec="red", lw=3))
+                if not shared:
+                    ax.set_xlabel(f"seed {rows.index[c]}", fontsize=6)
             if r == 0:
-                ax.set_title(f"seed {seed}", fontsize=7)
+                ax.set_title(f"seed {next(iter(column_seeds[c]))}" if shared else f"image {c + 1}", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
