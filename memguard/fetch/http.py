@@ -53,6 +53,7 @@ def probe(url: str, timeout: float, s: requests.Session | None = None) -> int | 
 
 
 def check_hash(name: str, digest: str, sha256: str | None, prefix: str | None, part: Path) -> None:
+    sha256, prefix = (str(sha256) if sha256 else None), (str(prefix) if prefix else None)  # Hydra reads 123... as int
     if sha256 and digest != sha256.lower():
         raise UserError(f"{name}: sha256 {digest} does not match the expected {sha256}; refused, left as {part} "
                         "(delete it to fetch again from the start)")
