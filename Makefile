@@ -5,7 +5,7 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-cpus test-numerics smoke bench tables table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model clean
+.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,8 +42,24 @@ smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo mode
 tables: $(MG)  ## collect outputs/runs into outputs/tables (paper Tables 1-5 and the tiny table)
 	$(MG) tables
 
-table1 table2 table3 table4 table5: table%: $(MG)  ## one paper table: its grid (GPU, local weights and data), evaluated, tabulated
-	$(MG) run -m experiment=table$*
+# `memguard fetch` is the one step that uses the network (the hub client too: HF_HUB_OFFLINE=0 for it alone); it
+# fetches only what `memguard check` would report missing, so a second `make tableN` fetches nothing.
+FETCH := HF_HUB_OFFLINE=0 $(MG) fetch
+# the scenarios whose checkpoints were never published: fetch SD 2.1 and the data, then `memguard finetune` makes
+# the checkpoint (once: skipped where its folder exists; an interrupted fine-tune resumes from its checkpoint)
+FINETUNED_1 := laion10k/model-step-100000
+FINETUNED_2 := imagenette/model-step-40000
+FINETUNED_5 := laion100k/model-step-100000
+OUTPUT_DIR ?= outputs
+MODEL_ARG = $(if $(FINETUNED_$*),model.path=$(OUTPUT_DIR)/finetune/$(FINETUNED_$*))
+
+fetch: $(MG)  ## fetch every input of all five tables (what is missing only; HF_HUB_OFFLINE=0 for this step)
+	@status=0; for n in 1 2 3 4 5; do $(FETCH) experiment=table$$n || status=2; done; exit $$status
+
+table1 table2 table3 table4 table5: table%: $(MG)  ## one paper table: fetch its inputs, (fine-tune,) run its grid (GPU), evaluate, tabulate
+	$(FETCH) experiment=table$* $(MODEL_ARG)
+	$(if $(FINETUNED_$*),test -d $(OUTPUT_DIR)/finetune/$(FINETUNED_$*) || $(MG) finetune experiment=table$*)
+	$(MG) run -m experiment=table$* $(MODEL_ARG)
 	$(MG) tables
 
 reproduce: table1 table2 table3 table4 table5  ## all five paper tables

@@ -69,9 +69,11 @@ class Report:
 
 
 def source(cfg: DictConfig, key: str) -> str:
-    """``; get it: ...`` from the scenario's ``sources.<key>`` (where that input comes from), or nothing."""
-    where = (cfg.get("sources") or {}).get(key)
-    return f"; get it: {where}" if where else ""
+    """``; get it: ...`` from the config's ``sources.<key>`` node (where that input comes from, and that ``memguard
+    fetch`` fetches it), or nothing."""
+    from memguard.fetch.sources import prose
+
+    return prose(cfg, key)
 
 
 def archive_problem(path: Path) -> str | None:
@@ -237,12 +239,16 @@ def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
     if prompts is not None and cfg.references_per_prompt is not None:
         folders = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
         missing = sorted({k for k in prompts.reference_keys if str(k) not in folders}, key=str)
-        if missing:
-            report.problems.append(
+        if missing:  # evaluation leaves these prompts out (and counts them in metrics.json)
+            from memguard.fetch.images import REPORT
+
+            dead = root.parent / REPORT
+            report.warnings.append(
                 f"references={str(cfg.references)!r}: {len(missing)} prompt(s) have no images in their own subfolder "
                 f"({', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}; "
-                f"references_per_prompt={cfg.references_per_prompt}); put each prompt's ground truth in "
-                f"{root}/<{cfg.references_per_prompt}>/{source(cfg, 'references')}")
+                f"references_per_prompt={cfg.references_per_prompt}); evaluation leaves them out"
+                + (f" (dead links: {dead})" if dead.is_file() else
+                   f"; put each prompt's ground truth in {root}/<{cfg.references_per_prompt}>/{source(cfg, 'references')}"))
     unreadable = []
     for f in files:
         try:
@@ -282,13 +288,30 @@ def check_weights(cfg: DictConfig, report: Report, stages: list[str]) -> None:
         if "path" not in node:
             continue
         key, path = f"metrics.{stage}.path", Path(str(node.path)).expanduser()
-        help_text = _weights_help(str(node.get("_target_", "")))
+        help_text = source(cfg, stage).removeprefix("; ") or _weights_help(str(node.get("_target_", "")))
         if not path.is_file():
             report.problems.append(f"{key}={str(node.path)!r} is not a file; {help_text}")
         elif (problem := archive_problem(path)) is not None:
             report.problems.append(f"{key}={str(node.path)!r} {problem}; {help_text}")
         else:
             report.notes.append(f"{key}: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+
+
+def check_manifests(cfg: DictConfig, report: Report) -> None:
+    """Files that ``memguard fetch`` wrote (its ``manifest.json`` beside each input) and that were changed or
+    removed since: named, one line per input."""
+    from memguard.fetch import manifest
+    from memguard.fetch.sources import destination, nodes
+
+    for key, node in nodes(cfg).items():
+        dest = destination(cfg, key, node)
+        if dest is None or not dest.exists():  # a missing input is reported by its own check
+            continue
+        changed = manifest.changes(dest)
+        if changed:
+            report.problems.append(f"{key}: {len(changed)} file(s) changed or removed since `memguard fetch` fetched "
+                                   f"them ({'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                                   "`memguard fetch` with the same overrides fetches them again")
 
 
 def check_disk(cfg: DictConfig, report: Report, n_images: int, model: Path | None) -> None:
@@ -347,6 +370,7 @@ def check_inputs(cfg: DictConfig) -> Report:
         else:
             check_references(cfg, report, prompts)
     check_weights(cfg, report, stages)
+    check_manifests(cfg, report)
     if prompts is not None and seeds:
         check_disk(cfg, report, len(prompts.texts) * len(seeds), model)
     return report

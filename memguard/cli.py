@@ -2,6 +2,7 @@
 
     memguard run [key=value ...]            generate a scenario under a mitigation (Hydra; -m sweeps)
     memguard check [key=value ...]          check every input a run needs (model, prompts, references, weights)
+    memguard fetch [key=value ...]          download what check would report missing, from sources.* (network)
     memguard basin [key=value ...]          CFG started at each of basin.starts, branching from one trajectory
     memguard evaluate [key=value ...]       (re-)evaluate a run folder: run_dir=DIR references=DIR metrics=...
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.check import check
 
         _hydra_command("check", check, rest)
+    elif command == "fetch":
+        from memguard.fetch import fetch
+
+        _hydra_command("fetch", fetch, rest)
     elif command == "basin":
         from memguard.basin import basin
 
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command in ("calibrate", "plot"):
         _report_user_errors(_calibrate if command == "calibrate" else _plot, rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, basin, evaluate, train, finetune, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

@@ -61,17 +61,18 @@ def by_group(generations: pd.DataFrame, column: str, summary: Callable[[torch.Te
 
 def reference_groups(generations: pd.DataFrame, references: list[Path], root: Path) -> list[list[int]] | None:
     """Per generation, the indices of the references in its prompt's own subfolder ``root/<reference_key>/``
-    (references_per_prompt), or None when generations are compared with every reference."""
+    (references_per_prompt; an empty list where that folder has no images: the generation is left out), or None
+    when generations are compared with every reference."""
     if "reference_key" not in generations or generations.reference_key.isna().all():
         return None
     by_folder: dict[str, list[int]] = {}
     for i, file in enumerate(references):
         by_folder.setdefault(file.relative_to(root).parts[0], []).append(i)
-    missing = sorted({str(k) for k in generations.reference_key if str(k) not in by_folder})
-    if missing:
+    if not any(str(k) in by_folder for k in generations.reference_key):
+        missing = sorted({str(k) for k in generations.reference_key})
         raise UserError(f"references={str(root)!r} has no images in the subfolder(s) {', '.join(missing[:5])} "
                         f"that prompts name (references_per_prompt); each prompt needs its own ground-truth folder")
-    return [by_folder[str(k)] for k in generations.reference_key]
+    return [by_folder.get(str(k), []) for k in generations.reference_key]
 
 
 def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
@@ -85,11 +86,23 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
     embedded = embed_files(references, embedder, cache_dir=cfg.paths.cache_dir, num_workers=cfg.image_workers,
                            skipped=skipped, key=f"references={str(cfg.references)!r}")
     references = [f for f in references if f not in set(skipped or [])]
-    nearest = nearest_references(generated, embedded, groups=reference_groups(generations, references, root))
-    generations["similarity"] = nearest.similarity.numpy()
-    generations["nearest_reference"] = [str(references[i].relative_to(root)) for i in nearest.index.tolist()]
+    groups = reference_groups(generations, references, root)
+    kept = [i for i in range(len(generations)) if groups is None or groups[i]]  # a prompt without references: left out
+    nearest = nearest_references(generated[kept], embedded, groups=None if groups is None else [groups[i] for i in kept])
+    similarity = torch.full((len(generations),), float("nan"), dtype=nearest.similarity.dtype)
+    similarity[kept] = nearest.similarity
+    names = [""] * len(generations)
+    for i, j in zip(kept, nearest.index.tolist()):
+        names[i] = str(references[j].relative_to(root))
+    generations["similarity"] = similarity.numpy()
+    generations["nearest_reference"] = names
+    without = sorted({str(k) for i, k in enumerate(generations.get("reference_key", [])) if groups and not groups[i]})
+    if without:
+        log.warning("%d prompt(s) have no reference images (references_per_prompt): left out of similarity: %s",
+                    len(without), ", ".join(without[:10]))
 
     def summary(values: torch.Tensor) -> dict[str, float]:
+        values = values[~torch.isnan(values)]
         out = summarize(values, cfg.metrics.threshold)
         if cfg.metrics.copy_threshold is not None:
             out["copy_fraction"] = float((values > cfg.metrics.copy_threshold).double().mean())
@@ -98,7 +111,8 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
     result = {"embedder": embedder.name, "threshold": cfg.metrics.threshold,
               "copy_threshold": cfg.metrics.copy_threshold, "references": len(references),
               **({"references_skipped": [str(f.relative_to(root)) for f in skipped]} if skipped else {}),
-              **summary(nearest.similarity), **by_group(generations, "similarity", summary)}
+              **({"prompts_without_references": len(without), "reference_keys_missing": without} if without else {}),
+              **summary(similarity), **by_group(generations, "similarity", summary)}
     log.info("similarity p95 %.4f, mean %.4f +- %.4f", result["p95"], result["mean"], result["std"])
     return {"similarity": result}
 

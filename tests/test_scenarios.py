@@ -80,8 +80,19 @@ def test_webster500_scores_each_prompt_against_its_own_ground_truth(tiny_model_d
     assert gens.nearest_reference.tolist() == ["7/0.png", "12/0.png"]  # never another prompt's image
     assert gens.similarity[0] == pytest.approx(1.0, abs=1e-5)
 
-    (tmp_path / "data" / "webster500" / "gt_images" / "12" / "0.png").unlink()
-    with pytest.raises(UserError, match="no images in the subfolder.* 12"):
+    (tmp_path / "data" / "webster500" / "gt_images" / "12" / "0.png").unlink()  # prompt 12 left without ground truth
+    metrics = evaluate(compose_config(overrides))
+    assert metrics["similarity"]["prompts_without_references"] == 1
+    assert metrics["similarity"]["reference_keys_missing"] == ["12"]
+    gens = pd.read_csv(tmp_path / "run" / "generations.csv")
+    assert gens.similarity[0] == pytest.approx(1.0, abs=1e-5) and np.isnan(gens.similarity[1])
+    assert metrics["similarity"]["mean"] == pytest.approx(1.0, abs=1e-5)  # over the prompts that have references
+    for key in ("7", "12"):
+        shutil.rmtree(tmp_path / "data" / "webster500" / "gt_images" / key, ignore_errors=True)
+    (tmp_path / "data" / "webster500" / "gt_images" / "other").mkdir()
+    (tmp_path / "data" / "webster500" / "gt_images" / "other" / "0.png").write_bytes(
+        (first / "images" / "00000_0.png").read_bytes())
+    with pytest.raises(UserError, match="no images in the subfolder.* 12"):  # none has: an error
         evaluate(compose_config(overrides))
 
 

@@ -72,8 +72,9 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
         axes[r][0].set_ylabel(f"#{idx}{group}\n{text[:38] + '…' if len(text) > 39 else text}", rotation=0,
                               ha="right", va="center", fontsize=7)
         if with_reference:
-            nearest = rows.loc[rows.similarity.idxmax(), "nearest_reference"] if "similarity" in rows else None
-            path = root / str(nearest) if nearest is not None else None
+            scored = "similarity" in rows and rows.similarity.notna().any()  # not: a prompt without references
+            nearest = rows.loc[rows.similarity.idxmax(), "nearest_reference"] if scored else None
+            path = root / str(nearest) if nearest is not None and not pd.isna(nearest) and str(nearest) else None
             if path is not None and path.is_file():
                 axes[r][0].imshow(Image.open(path).convert("RGB"), interpolation="nearest")
             if r == 0:
