@@ -190,3 +190,17 @@ def test_column_keys_need_a_prompt_file() -> None:
         load_prompts(cfg)
     assert OmegaConf.select(compose_config([]), "prompt_column") is None  # documented, off by default
     assert OmegaConf.select(compose_config([]), "group_column") is None
+
+
+def test_url_lists_of_every_format_become_fetch_jobs() -> None:
+    """memguard fetch's image URL lists read the prompt file as a run does: MemBench's list-valued cells give one
+    job per URL, NeMo's CSV one per row, Wen's JSONL one per line under its references key."""
+    from memguard.fetch.images import jobs
+
+    membench = jobs(MEMBENCH, "urls", None)
+    assert [j.key for j in membench] == ["0", "1"] + ["2"] * 4 + ["3"] * 3 + ["4"] * 4
+    assert [j.n for j in membench if j.key == "2"] == [0, 1, 2, 3] and membench[0].name == "0/0.png"
+    nemo = jobs(NEMO, "URL", "Index")
+    assert len(nemo) == 6 and nemo[0].key == "1000000001" and nemo[5].url.endswith("&amp;hei=100")
+    wen = jobs(WEN, "url", "index")
+    assert [j.name for j in wen][:2] == ["1000000001/0.png", "2000000002/0.png"]

@@ -160,7 +160,7 @@ def plan(cfg: DictConfig) -> tuple[list[Item], list[str], list[str]]:
 
 def describe(cfg: DictConfig, item: Item) -> None:
     """Fill ``item.files``: what will be downloaded, with the announced sizes (None: not announced)."""
-    from memguard.fetch import hub, http
+    from memguard.fetch import http, hub
 
     node, s = item.node, settings(cfg)
     if item.kind == "hub":
@@ -211,7 +211,7 @@ def _size(n: int | None) -> str:
 
 def fetch_item(cfg: DictConfig, item: Item) -> str:
     """Fetch one input; a line saying what was done."""
-    from memguard.fetch import hub, http
+    from memguard.fetch import http, hub
 
     node, key, s = item.node, item.key, settings(cfg)
     for line in manifest.changes(item.dest):  # changed or removed since fetched: fetched again from the start

@@ -27,8 +27,12 @@ def patterns(node: DictConfig) -> list[str] | None:
 
 
 def _errors(key: str, node: DictConfig, err: Exception) -> Exception:
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     page = f"https://huggingface.co/{node.repo}"
     if isinstance(err, GatedRepoError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import threading
 import time
 from collections import defaultdict
@@ -43,19 +42,21 @@ class Job:
 
 
 def jobs(prompts_file: Path, column: str, key_field: str | None) -> list[Job]:
-    """One job per prompt-file row with a URL; ``key_field`` (references_per_prompt) names its folder."""
+    """One job per URL of the prompt file's ``column`` (one URL, or a list of them: MemBench's ``urls``), the file
+    read as ``prompts_file`` is (:func:`memguard.runs.prompts.read_prompts_file`: JSONL, CSV, parquet);
+    ``key_field`` (references_per_prompt) names each prompt's folder, else the prompt's row index."""
+    from memguard.runs.prompts import Columns, read_prompts_file
+
+    loaded = read_prompts_file(prompts_file, Columns(key=key_field))
     out: list[Job] = []
     count: dict[str, int] = defaultdict(int)
-    for line_no, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        url = row.get(column)
-        if not url:
-            continue
-        key = str(row[key_field]) if key_field else str(line_no - 1)
-        out.append(Job(str(url), key, count[key]))
-        count[key] += 1
+    for row, (fields, key) in enumerate(zip(loaded.fields, loaded.reference_keys)):
+        cell = fields.get(column)
+        key = key if key_field else str(row)
+        for url in cell if isinstance(cell, list) else [cell]:
+            if isinstance(url, str) and url.strip():
+                out.append(Job(url.strip(), key, count[key]))
+                count[key] += 1
     return out
 
 
