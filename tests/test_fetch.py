@@ -328,3 +328,64 @@ def test_gdrive_kind_through_gdown_with_a_pinned_hash(files_server, tmp_path: Pa
     with pytest.raises(UserError, match="does not match the expected 1111"):
         fetch(compose(overrides))
     assert (tmp_path / "w" / "sscd_disc_large.torchscript.pt.part").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_middle_of_a_file_then_the_same_command_completes(tmp_path: Path) -> None:
+    """SIGINT while a file streams: memguard says it was interrupted (exit 130), the bytes so far stay in
+    ``.part`` and no finished file exists; the same command resumes with ``Range`` and the file is whole. A
+    second run has nothing to fetch and asks the server nothing."""
+    import threading
+
+    from tests.rehearsal import write_random_inception
+
+    data = write_random_inception(tmp_path / "inception.pth").read_bytes()
+    half, release, gets = len(data) // 2, threading.Event(), []
+
+    def trickle(handler, count: int) -> None:  # a GET stalls after half the file until released, then is whole
+        if handler.command == "GET":
+            gets.append(handler.headers.get("Range"))
+        if handler.command == "HEAD" or release.is_set():
+            return handler.send_file(data)
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Accept-Ranges", "bytes")
+        handler.end_headers()
+        handler.wfile.write(data[:half])
+        handler.wfile.flush()
+        release.wait(60)  # until the test has interrupted the client
+        handler.close_connection = True
+
+    with serve([("/inception.pth", trickle)]) as server:
+        overrides = ["scenario=webster500", "metrics=paper", f"paths.weights_dir={tmp_path / 'weights'}",
+                     "fetch.only=[fid]", f"sources.fid.url={server.url}/inception.pth",
+                     f"sources.fid.sha256_prefix={hashlib.sha256(data).hexdigest()[:8]}", "fetch.retries=0",
+                     "fetch.timeout=100"]
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        dest = tmp_path / "weights" / "weights-inception-2015-12-05-6726825d.pth"
+        part = dest.with_name(dest.name + ".part")
+        process = subprocess.Popen([sys.executable, "-m", "memguard.cli", "fetch", *overrides], cwd=tmp_path,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120  # the client writes whole chunks: wait for most of the half
+            while not (part.is_file() and part.stat().st_size >= half // 2) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert part.is_file() and process.poll() is None, process.poll()
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            release.set()
+            process.kill()
+        assert process.returncode == 130 and "memguard: interrupted" in err, err
+        kept = part.stat().st_size
+        assert half // 2 <= kept <= half and not dest.exists()  # nothing finished, the bytes so far kept
+        assert part.read_bytes() == data[:kept]
+
+        again = mg("fetch", *overrides, cwd=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert dest.read_bytes() == data and not part.exists()
+        assert gets[-1] == f"bytes={kept}-"  # the same command resumed where the interrupted one stopped
+        hits = server.hits["/inception.pth"]
+        idle = mg("fetch", *overrides, cwd=tmp_path)
+        assert idle.returncode == 0 and "nothing to fetch" in idle.stdout and server.hits["/inception.pth"] == hits
