@@ -24,7 +24,7 @@ from PIL import Image
 
 from memguard.errors import UserError
 from tests.fetch_servers import COMMIT, fail_first, hub_routes, redirect, serve, slow, static, status
-from tests.rehearsal import TINY_CLIP, write_metric_weights
+from tests.rehearsal import write_metric_weights
 
 INDICES = (3, 11, 23)  # the prompts' `index` values: one ground-truth folder each
 
