@@ -128,6 +128,11 @@ def test_fetch_webster500_then_check_and_run(site: Site, tmp_path: Path) -> None
     assert run.returncode == 0, run.stderr[-3000:]  # memguard check passed first (every run begins with it)
     metrics = json.loads((tmp_path / "out" / "runs" / "webster500" / "none" / "metrics.json").read_text())
     assert metrics["n_images"] == 3 and "similarity" in metrics and "fid" in metrics
+    run_dir = tmp_path / "out" / "runs" / "webster500" / "none"
+    (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "similarity"}))
+    evaluated = mg("evaluate", *overrides, f"run_dir={run_dir}", cwd=tmp_path, env=env)  # on the fetched folders
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "similarity" in json.loads((run_dir / "metrics.json").read_text())
 
     # a fetched file changed, one removed: check names them, fetch fetches them again
     (model / "unet" / "config.json").write_text("{}")
