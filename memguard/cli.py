@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
         _hydra_command("check", check, rest)
     elif command == "fetch":
-        from memguard.fetch import fetch
+        from memguard.fetch.command import fetch
 
         _hydra_command("fetch", fetch, rest)
     elif command == "basin":

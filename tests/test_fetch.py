@@ -242,7 +242,7 @@ def url_list_setup(server, tmp_path: Path, rows: list[tuple[object, str]]) -> li
 
 def test_url_list_fetches_verifies_and_reports_dead_links(files_server, tmp_path: Path, capsys) -> None:
     from memguard.check import check_inputs
-    from memguard.fetch import fetch
+    from memguard.fetch.command import fetch
 
     good = [(0, "/i/rgb.png"), (1, "/i/photo.jpg"), (2, "/i/gray.webp"), (3, "/i/pal.gif"), (4, "/i/flaky.png"),
             (5, "/i/hop"), (6, "/i/a photo é.png"), (6, "/i/rgb.png")]
@@ -277,7 +277,7 @@ def test_url_list_fetches_verifies_and_reports_dead_links(files_server, tmp_path
 
 
 def test_destinations_that_leave_the_folder_are_refused(files_server, tmp_path: Path) -> None:
-    from memguard.fetch import fetch
+    from memguard.fetch.command import fetch
     from memguard.fetch.http import unpack
 
     overrides = url_list_setup(files_server, tmp_path, [(0, "/i/rgb.png"), ("../../evil", "/i/rgb.png")])
@@ -296,7 +296,7 @@ def test_destinations_that_leave_the_folder_are_refused(files_server, tmp_path: 
 
 def test_not_enough_disk_is_refused_before_the_first_byte(files_server, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from memguard.fetch import fetch
+    from memguard.fetch.command import fetch
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**6, 10**6))
@@ -308,7 +308,7 @@ def test_not_enough_disk_is_refused_before_the_first_byte(files_server, tmp_path
 
 
 def test_unreachable_sources_are_one_line_each(tmp_path: Path) -> None:
-    from memguard.fetch import fetch
+    from memguard.fetch.command import fetch
 
     closed = "http://127.0.0.1:9"  # the discard port: nothing listens
     overrides = ["scenario=webster500", "metrics=paper", f"paths.data_dir={tmp_path / 'd'}",
@@ -325,7 +325,7 @@ def test_unreachable_sources_are_one_line_each(tmp_path: Path) -> None:
 
 def test_gdrive_kind_through_gdown_with_a_pinned_hash(files_server, tmp_path: Path) -> None:
     """The Drive kind's code path (gdown) on a plain URL: Drive itself cannot be reached here."""
-    from memguard.fetch import fetch
+    from memguard.fetch.command import fetch
 
     overrides = ["scenario=webster500", "metrics=paper", f"paths.weights_dir={tmp_path / 'w'}", "fetch.only=[similarity]",
                  "sources.similarity.kind=gdrive",
