@@ -11,6 +11,7 @@
     memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run
     memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
     memguard random-model DIR [--family F]  write a tiny random-weight folder, F = sd|sdxl|sd3|dit (tests, demos)
+    memguard COMMAND --help                 what COMMAND does, its main keys and their defaults, an example
 
 A plain ``@hydra.main`` would read the sub-command word as an override; here it is taken off ``sys.argv``
 first. User errors print one line (``memguard: error: ...``) and exit 2; ``HYDRA_FULL_ERROR=1`` shows the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,11 +71,77 @@ def check_launcher(overrides: list[str]) -> None:
                                 f"install memguard's cluster extra: pip install -e '.[cluster]' (or pip install {package})")
 
 
+# The Hydra sub-commands' own help: what the command does, its main keys (defaults read from the composed config,
+# so they cannot drift), one example. `memguard COMMAND --help` prints it, then Hydra's groups and full config.
+COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "run": ("Generate every (prompt, seed) of a scenario under a mitigation into its run folder (re-running resumes), "
+            "then evaluate it with the scenario's metrics.",
+            ("scenario", "model.path", "prompts_file", "mitigation", "guidance.scale", "sampler", "sampler.steps",
+             "images_per_prompt", "seed_scheme", "batch_size", "device", "dtype", "run_name"),
+            "memguard run scenario=custom model.path=DIR prompts_file=prompts.csv mitigation=og_dtp"),
+    "check": ("Check every input a run needs at once (model folder, prompts, references, metric weights, free disk) "
+              "and say where each missing one comes from; exit 2 if any is missing.",
+              ("scenario", "model.path", "prompts_file", "references", "metrics"),
+              "memguard check experiment=table4"),
+    "fetch": ("Download what `memguard check` would report missing, from each input's sources.<input> node (hub, "
+              "URL, Drive, image URL lists); the one command that uses the network.",
+              ("scenario", "metrics", "fetch.only", "fetch.dry_run", "fetch.workers", "paths.data_dir",
+               "paths.models_dir", "paths.weights_dir"),
+              "memguard fetch scenario=webster500 metrics=paper fetch.dry_run=true"),
+    "basin": ("Map the attraction basin: per (prompt, seed) one trajectory without CFG and CFG started at each of "
+              "basin.starts, branching from it; copies and alignment per start.",
+              ("scenario", "basin.starts", "basin.opposite", "basin.tau", "metrics", "images_per_prompt"),
+              "memguard basin scenario=tiny basin.starts='[0,5,10,20]'"),
+    "evaluate": ("(Re-)evaluate a run folder with a metrics option: similarity to the references, alignment, FID, "
+                 "detection; images are never touched.",
+                 ("run_dir", "references", "metrics"),
+                 "memguard evaluate run_dir=outputs/runs/tiny/dtp metrics=tiny"),
+    "train": ("Train the tiny scenario's model from nothing on its procedural dataset (resumable; Ctrl-C saves).",
+              ("scenario", "train", "train.settings.steps", "train.output_dir"),
+              "memguard train scenario=tiny_ft train=pretrain"),
+    "finetune": ("Fine-tune Stable Diffusion's UNet on a scenario's data, as the paper's scenarios 1, 2 and 5 need "
+                 "(accelerate launch for GPUs; resumes from its latest checkpoint).",
+                 ("scenario", "finetune.base_model", "finetune.settings.steps", "finetune.output_dir"),
+                 "memguard finetune scenario=laion10k"),
+}
+
+
+def command_help(name: str) -> str:
+    """``memguard NAME --help``'s own part: what the command does, its main keys with their defaults, an example."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    what, keys, example = COMMAND_HELP[name]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config")
+    GlobalHydra.instance().clear()
+
+    def default(key: str) -> str:
+        node = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if OmegaConf.is_config(node):  # a config group: the option chosen, by its name
+            node = node.get("name")
+        if node is None and (CONF_DIR / key).is_dir():  # a group chosen by none: its options
+            return f"null ({' | '.join(sorted(p.stem for p in (CONF_DIR / key).glob('*.yaml')))})"
+        if OmegaConf.is_missing(cfg, key):
+            return "??? (required)"
+        return "null" if node is None else str(node).lower() if isinstance(node, bool) else str(node)
+
+    width = max(map(len, keys))
+    lines = [f"usage: memguard {name} [key=value ...]", "", *textwrap.wrap(what, 100), "", "main keys (default):"]
+    lines += [f"  {key:<{width}}  {default(key)}" for key in keys]
+    return "\n".join([*lines, "", f"example:\n  {example}", "", "Every key and group (Hydra) follows.", ""])
+
+
 def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
     import hydra
 
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; install with `pip install -e .`")
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(command_help(name))
+        overrides = ["--help" if arg == "-h" else arg for arg in overrides]
     _report_user_errors(check_launcher, overrides)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

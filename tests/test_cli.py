@@ -69,3 +69,25 @@ def test_random_model_refuses_to_overwrite(tmp_path: Path) -> None:
     result = memguard("random-model", str(tmp_path / "m"), cwd=tmp_path)
     assert result.returncode != 0 and "not empty" in result.stderr
     assert (tmp_path / "m" / "keep.txt").read_text() == "x"
+
+
+def test_every_hydra_command_has_help_of_its_own() -> None:
+    """What the command does, its main keys with their defaults from the composed config, one example."""
+    from memguard.cli import COMMAND_HELP, command_help
+
+    assert set(COMMAND_HELP) == {"run", "check", "fetch", "basin", "evaluate", "train", "finetune"}
+    for name, (_, keys, example) in COMMAND_HELP.items():
+        text = command_help(name)
+        assert text.startswith(f"usage: memguard {name} [key=value ...]") and example in text
+        for key in keys:
+            assert f"  {key} " in text, (name, key)
+    run = command_help("run")
+    assert "  mitigation         none" in run and "  sampler            auto" in run and "images_per_prompt  8" in run
+    assert "train                 null (finetune | pretrain)" in command_help("train")
+
+
+def test_command_help_then_hydras_key_list(tmp_path: Path) -> None:
+    result = memguard("check", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: memguard check [key=value ...]")
+    assert "== Config ==" in result.stdout and "mitigation: auto, dtp" in result.stdout  # Hydra's, after ours
