@@ -164,6 +164,10 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
     except UserError as err:
         key = next((k for k in ("control_prompts_file", "prompt_join") if str(err).startswith(k)), "prompts_file")
         report.problems.append(f"{err}{source(cfg, key)}")
+        control = cfg.get("control_prompts_file")
+        if key == "prompts_file" and control is not None and not Path(str(control)).expanduser().is_file():
+            report.problems.append(f"control_prompts_file={str(control)!r} is not a file; give the control "
+                                   f"(non-memorized) prompts{source(cfg, 'control_prompts_file')}")
         return None
     texts = loaded.texts
     n_own = len(texts) - loaded.n_controls

@@ -242,6 +242,14 @@ def test_a_control_file_without_a_prompt_column_is_one_line_naming_it(tmp_path: 
     assert "\n" not in line
 
 
+def test_check_names_both_prompt_files_when_neither_is_there(tmp_path: Path) -> None:
+    report = check_inputs(compose_config(["scenario=ren_sd1_345", f"paths.data_dir={tmp_path}", "evaluate=false"]))
+    lines = [p for p in report.problems if "prompts_file=" in p]
+    assert lines[0].startswith(f"prompts_file={str(tmp_path / 'ren_sd1_345' / 'sd1_mem345.txt')!r} is not a file")
+    assert lines[1].startswith(f"control_prompts_file={str(tmp_path / 'ren_sd1_345' / 'group_nomem500.txt')!r} is "
+                               "not a file") and "prompt/group_nomem500.txt of github.com/renjie3/MemAttn" in lines[1]
+
+
 def test_control_prompts_keep_the_memorized_prompts_indices(tmp_path: Path) -> None:
     base = ["scenario=custom", f"prompts_file={FIXTURES / 'ren_sd1_mem345.txt'}", "prompts_group=memorized"]
     alone = load_prompts(compose_config(base))
