@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,11 +162,25 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
     try:
         loaded = load_prompts(cfg)
     except UserError as err:
-        report.problems.append(f"{err}{source(cfg, 'prompts_file')}")
+        key = next((k for k in ("control_prompts_file", "prompt_join") if str(err).startswith(k)), "prompts_file")
+        report.problems.append(f"{err}{source(cfg, key)}")
+        control = cfg.get("control_prompts_file")
+        if key == "prompts_file" and control is not None and not Path(str(control)).expanduser().is_file():
+            report.problems.append(f"control_prompts_file={str(control)!r} is not a file; give the control "
+                                   f"(non-memorized) prompts{source(cfg, 'control_prompts_file')}")
         return None
     texts = loaded.texts
-    report.notes.append(f"prompts: {len(texts)}" + (f" from {cfg.prompts_file} ({loaded.source})" if cfg.prompts_file
-                                                     else ""))
+    n_own = len(texts) - loaded.n_controls
+    report.notes.append(f"prompts: {n_own}" + (f" from {cfg.prompts_file} ({loaded.source})" if cfg.prompts_file
+                                               else ""))
+    if loaded.n_controls:
+        report.notes.append(f"control prompts: {loaded.n_controls} from {cfg.control_prompts_file} (group "
+                            f"{cfg.get('control_group') or 'unmemorized'}), prompt {n_own} on")
+    groups = Counter(g for g in loaded.groups if g is not None)
+    if len(groups) > 1 or loaded.n_controls:
+        report.notes.append("groups: " + ", ".join(f"{g} {n}" for g, n in groups.items())
+                            + (f", no group {len(texts) - sum(groups.values())}" if sum(groups.values()) < len(texts) else ""))
+    report.warnings.extend(loaded.warnings)
     blank = loaded.blank_lines  # as the file's format reads it (a CSV cell may span lines)
     if blank:
         report.warnings.append(f"prompts_file={str(cfg.prompts_file)!r}: {len(blank)} blank line(s) skipped "
@@ -238,7 +253,8 @@ def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
     report.notes.append(f"references: {len(files)} images in {root}")
     if prompts is not None and cfg.references_per_prompt is not None:
         folders = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
-        missing = sorted({k for k in prompts.reference_keys if str(k) not in folders}, key=str)
+        own = prompts.reference_keys[:len(prompts.reference_keys) - prompts.n_controls]  # controls have no references
+        missing = sorted({k for k in own if str(k) not in folders}, key=str)
         if missing:  # evaluation leaves these prompts out (and counts them in metrics.json)
             from memguard.fetch.images import REPORT
 

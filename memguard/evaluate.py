@@ -10,9 +10,26 @@
   shape of ``d_t``; with labels (prompt groups, or copies from the similarity stage) ROC-AUC, TPR at 1% FPR and
   ``roc.png``.
 
-Every aggregate names the network that made it and, where the prompts carry groups (``group`` in a JSONL
-prompts file), is also given per group. Re-evaluating replaces these columns and entries; images are never
-touched.
+Every aggregate names the network that made it and, where the prompts carry groups (``generations.csv``'s
+``group``: a prompt file's group column, ``group_labels``, ``prompts_group``, the control prompts' ``control_group``),
+is also given per group. Re-evaluating replaces these columns and entries; images are never touched.
+
+Per-group entries of ``metrics.json`` (present where the run has more than one group; prompts without a group are
+in the totals only):
+
+- ``similarity.groups.<g>``: p95, mean, std, fraction above threshold, ``copy_fraction``; a group without
+  references (the control prompts where each prompt has its own references) has none, and
+  ``similarity.controls_not_compared`` counts its prompts;
+- ``alignment.groups.<g>``: mean, std;
+- ``fid.groups.<g>``: ``value`` and ``generations``: the FID of the group's generations against all the
+  references (a group of fewer than 2 images has none);
+- ``transition.groups.<g>``: fired fraction, mean and median step, histogram (written by the run);
+- ``detection.groups.<g>`` (labels ``group``): each positive group against the negative groups: ``n_positive``,
+  and per score ``auc``, ``tpr_at_1pct_fpr``; the top-level scores are all positive groups against them;
+- ``cost`` (runs with control prompts): ``cost.control.<control_group>``: the control prompts' ``n_images``,
+  ``alignment`` and ``fid`` (where computed): what a mitigation costs ordinary prompts; ``cost.memorized.<g>``:
+  each other group's ``similarity_mean``, ``similarity_p95``, ``copy_fraction`` and ``alignment``, what it
+  should lose. Comparing two runs (a mitigation against ``none``) gives the trade-off.
 """
 
 from __future__ import annotations
@@ -59,6 +76,13 @@ def by_group(generations: pd.DataFrame, column: str, summary: Callable[[torch.Te
                        for g, rows in generations.groupby("group", sort=False)}}
 
 
+def control_rows(cfg: DictConfig, generations: pd.DataFrame) -> "pd.Series[bool]":
+    """Per generation, whether its prompt is a control prompt (``control_prompts_file``, group ``control_group``)."""
+    if cfg.get("control_prompts_file") is None or "group" not in generations:
+        return pd.Series(False, index=generations.index)
+    return generations.group.astype(str) == str(cfg.get("control_group") or "unmemorized")
+
+
 def reference_groups(generations: pd.DataFrame, references: list[Path], root: Path) -> list[list[int]] | None:
     """Per generation, the indices of the references in its prompt's own subfolder ``root/<reference_key>/``
     (references_per_prompt; an empty list where that folder has no images: the generation is left out), or None
@@ -96,7 +120,10 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
         names[i] = str(references[j].relative_to(root))
     generations["similarity"] = similarity.numpy()
     generations["nearest_reference"] = names
-    without = sorted({str(k) for i, k in enumerate(generations.get("reference_key", [])) if groups and not groups[i]})
+    controls = control_rows(cfg, generations)
+    without = sorted({str(k) for i, k in enumerate(generations.get("reference_key", []))
+                      if groups and not groups[i] and not controls[i]})
+    not_compared = int(generations.loc[controls, "prompt_idx"].nunique()) if groups and controls.any() else 0
     if without:
         log.warning("%d prompt(s) have no reference images (references_per_prompt): left out of similarity: %s",
                     len(without), ", ".join(without[:10]))
@@ -108,11 +135,18 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
             out["copy_fraction"] = float((values > cfg.metrics.copy_threshold).double().mean())
         return out
 
+    def group_summary(values: torch.Tensor) -> dict[str, float] | None:  # None: the group has no references
+        return summary(values) if (~torch.isnan(values)).any() else None
+
+    per_group = by_group(generations, "similarity", group_summary)
+    if per_group:
+        per_group["groups"] = {g: v for g, v in per_group["groups"].items() if v is not None}
     result = {"embedder": embedder.name, "threshold": cfg.metrics.threshold,
               "copy_threshold": cfg.metrics.copy_threshold, "references": len(references),
               **({"references_skipped": [str(f.relative_to(root)) for f in skipped]} if skipped else {}),
               **({"prompts_without_references": len(without), "reference_keys_missing": without} if without else {}),
-              **summary(similarity), **by_group(generations, "similarity", summary)}
+              **({"controls_not_compared": not_compared} if not_compared else {}),
+              **summary(similarity), **per_group}
     log.info("similarity p95 %.4f, mean %.4f +- %.4f", result["p95"], result["mean"], result["std"])
     return {"similarity": result}
 
@@ -148,9 +182,20 @@ def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, referen
                          cfg.image_workers, skipped, generated_key=f"run_dir={str(run_dir)!r}",
                          reference_key=f"references={str(cfg.references)!r}", generated_fix=REMAKE_FIX)
     log.info("%s %.3f with %s", features.kind, value, features.name)
+    groups = {}
+    if "group" in generations and generations.group.nunique() > 1:
+        for group, rows in generations.groupby("group", sort=False):
+            if len(rows) < 2:  # FID needs two images on each side
+                continue
+            groups[str(group)] = {"value": fid_of_files(
+                [run_dir / f for f in rows.file], references, features, cfg.paths.cache_dir, cfg.image_workers,
+                [] if skipped is not None else None, generated_key=f"run_dir={str(run_dir)!r}",
+                reference_key=f"references={str(cfg.references)!r}", generated_fix=REMAKE_FIX),
+                "generations": len(rows)}
     return {"fid": {"kind": features.kind, "features": features.name, "value": value,
                     "generations": len(generations), "references": len(references) - len(skipped or []),
-                    **({"references_skipped": [str(f) for f in skipped]} if skipped else {})}}
+                    **({"references_skipped": [str(f) for f in skipped]} if skipped else {}),
+                    **({"groups": groups} if groups else {})}}
 
 
 def detection_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
@@ -162,6 +207,32 @@ def detection_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, r
     log.info("detection (%s): %s", result["detection"]["labels"],
              {k: v for k, v in result["detection"].items() if isinstance(v, dict)})
     return result
+
+
+def cost_section(cfg: DictConfig, generations: pd.DataFrame, results: dict[str, Any]) -> dict[str, Any]:
+    """``cost`` (module docstring): the control group's alignment and FID beside the memorized groups' similarity,
+    copies and alignment, from the per-group entries just computed; empty for a run without control prompts."""
+    controls = control_rows(cfg, generations)
+    if not controls.any():
+        return {}
+    control = str(cfg.get("control_group") or "unmemorized")
+
+    def entry(stage: str, group: str, key: str) -> float | None:
+        return ((results.get(stage) or {}).get("groups") or {}).get(group, {}).get(key)
+
+    out: dict[str, Any] = {"n_images": int(controls.sum())}
+    for stage, key, name in (("alignment", "mean", "alignment"), ("fid", "value", "fid")):
+        if entry(stage, control, key) is not None:
+            out[name] = entry(stage, control, key)
+    memorized = {}
+    for group in dict.fromkeys(generations.group[~controls].dropna().astype(str)):
+        row = {"n_images": int((generations.group.astype(str) == group).sum())}
+        for stage, key, name in (("similarity", "mean", "similarity_mean"), ("similarity", "p95", "similarity_p95"),
+                                 ("similarity", "copy_fraction", "copy_fraction"), ("alignment", "mean", "alignment")):
+            if entry(stage, group, key) is not None:
+                row[name] = entry(stage, group, key)
+        memorized[group] = row
+    return {"control": {control: out}, "memorized": memorized}
 
 
 # stage name (the ``metrics`` key that turns it on) -> (stage, whether it compares with the reference images)
@@ -187,12 +258,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     table = run_dir / "generations.csv"
     if not table.is_file():
         raise UserError(f"run_dir={str(run_dir)!r} has no generations.csv; run `memguard run` with the same settings first")
-    generations = pd.read_csv(table)
+    generations = pd.read_csv(table, dtype={"reference_key": object})  # keys stay as written (not 7.0 beside NaN)
     references = reference_files(cfg.references) if any(STAGES[name][1] for name in names) else []
     results: dict[str, Any] = {}
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
     atomic_write_text(table, generations.to_csv(index=False))  # readers never see half a table
+    cost = cost_section(cfg, generations, results)
+    if cost:
+        results["cost"] = cost
     metrics = update_metrics(run_dir, results)
     write_grid(run_dir)  # now with the nearest references and copies outlined
     write_report(run_dir)

@@ -39,7 +39,8 @@ from memguard.families import Family, family_class, load_family
 from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
-from memguard.runs.outputs import baseline_summary, transition_summary, write_figures, write_tables
+from memguard.runs.outputs import (baseline_summary, transition_groups, transition_summary, write_figures,
+                                   write_tables)
 from memguard.runs.prompts import Prompts, load_prompts, load_seeds
 from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
 from memguard.runs.writer import ImageWriter
@@ -229,7 +230,7 @@ def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record
         "steps": cfg.sampler.steps,
         "n_prompts": len(prompts),
         "n_images": len(ordered),
-        "transition": transition_summary(ordered),
+        "transition": {**transition_summary(ordered), **transition_groups(ordered, loaded.groups)},
         **baseline_summary(ordered),
         "d_step0_mean": mean_or_none([r.d[0] for r in ordered]),
         "unet_evals_per_image": mean_or_none([r.unet_evals for r in ordered if r.unet_evals is not None]),

@@ -68,6 +68,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         "prompts.jsonl": "".join(json.dumps({"caption": f"prompt {i} – ünïcode", "index": i,
                                              "url": f"/img/{i}.png"}, ensure_ascii=False) + "\n" for i in INDICES).encode(),
         "gt.zip": archive.getvalue(),
+        "labels.csv": (";Caption;URL;type;mean_sscd;max_sscd;Index\n" + "".join(  # NeMo's labels of two captions
+            f"{n};prompt {i} – ünïcode;/img/{i}.png;{t};0.5;0.6;{i}\n"
+            for n, (i, t) in enumerate(zip(INDICES, ("VM", "TM"))))).encode(),
         "sscd.pt": weights["sscd"].read_bytes(),
         "inception.pth": weights["inception"].read_bytes(),
     }
@@ -87,6 +90,8 @@ def webster_overrides(site: Site, tmp: Path) -> list[str]:
             "sources.model.repo=test/tiny-sd", f"sources.model.revision={COMMIT}",
             f"sources.prompts_file.url={u}/files/prompts.jsonl",
             f"sources.prompts_file.sha256={hashlib.sha256(f['prompts.jsonl']).hexdigest()}",
+            f"sources.prompt_join.url={u}/files/labels.csv",
+            f"sources.prompt_join.sha256={hashlib.sha256(f['labels.csv']).hexdigest()}",
             f"sources.references.url={u}/files/gt.zip",
             f"sources.similarity.url={u}/files/sscd.pt",
             "sources.alignment.repo=test/tiny-clip",
@@ -128,6 +133,7 @@ def test_fetch_webster500_then_check_and_run(site: Site, tmp_path: Path) -> None
     assert run.returncode == 0, run.stderr[-3000:]  # memguard check passed first (every run begins with it)
     metrics = json.loads((tmp_path / "out" / "runs" / "webster500" / "none" / "metrics.json").read_text())
     assert metrics["n_images"] == 3 and "similarity" in metrics and "fid" in metrics
+    assert set(metrics["similarity"]["groups"]) == {"verbatim", "template"}  # NeMo's labels; prompt 23 has none
     run_dir = tmp_path / "out" / "runs" / "webster500" / "none"
     (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "similarity"}))
     evaluated = mg("evaluate", *overrides, f"run_dir={run_dir}", cwd=tmp_path, env=env)  # on the fetched folders

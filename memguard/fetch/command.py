@@ -103,12 +103,19 @@ def missing(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | No
     return None
 
 
+def url_file(cfg: DictConfig, key: str, node: DictConfig) -> Path:
+    """The file holding a url_list source's URLs: its ``file``, else ``prompts_file``."""
+    file = node.get("file") or cfg.prompts_file
+    if file is None:
+        raise UserError(f"sources.{key}.kind=url_list needs prompts_file (the prompt file holding the URLs) or "
+                        f"sources.{key}.file")
+    return Path(str(file)).expanduser()
+
+
 def _missing_images(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | None:
     from memguard.fetch.images import REPORT, jobs, read_dead
 
-    if cfg.prompts_file is None:
-        raise UserError(f"sources.{key}.kind=url_list needs prompts_file (the prompt file holding the URLs)")
-    prompts = Path(str(cfg.prompts_file)).expanduser()
+    prompts = url_file(cfg, key, node)
     if not prompts.is_file():
         return "the prompt file, which holds the URLs, is not there yet"
     dead = set() if settings(cfg)["retry_dead"] else set(read_dead(dest.parent / REPORT))
@@ -172,7 +179,7 @@ def describe(cfg: DictConfig, item: Item) -> None:
     elif item.kind == "url_list":
         from memguard.fetch.images import jobs
 
-        prompts = Path(str(cfg.prompts_file)).expanduser()
+        prompts = url_file(cfg, item.key, node)
         urls = jobs(prompts, str(node.get("column", "url")), cfg.references_per_prompt) if prompts.is_file() else []
         item.files = [(f"{len(urls)} image URL(s) of {prompts.name}", None)]
 
@@ -234,7 +241,7 @@ def fetch_item(cfg: DictConfig, item: Item) -> str:
         if cfg.references_per_prompt is None:
             raise UserError(f"sources.{key}.kind=url_list needs references_per_prompt (the prompt field naming each "
                             "prompt's folder)")
-        return f"{key}: " + fetch_list(Path(str(cfg.prompts_file)).expanduser(), str(node.get("column", "url")),
+        return f"{key}: " + fetch_list(url_file(cfg, key, node), str(node.get("column", "url")),
                                        str(cfg.references_per_prompt), item.dest, s, s["retry_dead"])
     # url and gdrive: one file, or an archive unpacked into a folder
     sha256 = node.get("sha256") or item.recorded.get("sha256")

@@ -8,8 +8,9 @@ A node names a ``kind`` and how to get it:
   archive's folder that becomes the destination);
 - ``gdrive``: ``id`` (a file; ``folder: true`` for a Drive folder), then as ``url`` (``url``, when set, is fetched
   through the same Drive client instead: mirrors and tests);
-- ``url_list``: ``column`` of the prompt file holds each prompt's image URL; the images go to one folder per
-  prompt key (``references_per_prompt``), as the scenario reads them;
+- ``url_list``: ``column`` of the prompt file holds each prompt's image URL (or a list of URLs); the images go to
+  one folder per prompt key (``references_per_prompt``), as the scenario reads them; ``file`` (optional) names
+  another file holding the URLs and keys (ren_sd2_219: SAIL's ``sd2_mem.jsonl``, its ``prompt_join.file``);
 - ``manual`` / ``made``: nothing to fetch; ``note`` says how to get it (``made``: the command that makes it).
 
 Every node has a ``note`` (licence, gating) and fills one config key (``fills``, by default from its name:
@@ -27,9 +28,9 @@ from memguard.errors import UserError
 
 # the config key each source fills, by its name; a node's ``fills`` overrides it
 FILLS = {"model": "model.path", "base_model": "finetune.base_model", "prompts_file": "prompts_file",
-         "references": "references", "similarity": "metrics.similarity.path",
+         "control_prompts_file": "control_prompts_file", "prompt_join": "prompt_join.file", "references": "references", "similarity": "metrics.similarity.path",
          "alignment": "metrics.alignment.path", "fid": "metrics.fid.path"}
-ORDER = ("model", "base_model", "prompts_file", "references", "similarity", "alignment", "fid")
+ORDER = ("model", "base_model", "prompts_file", "control_prompts_file", "prompt_join", "references", "similarity", "alignment", "fid")
 KINDS = ("hub", "url", "gdrive", "url_list", "manual", "made")
 
 
@@ -67,7 +68,8 @@ def where(node: Any) -> str:
             return str(node.url)
         return f"https://drive.google.com/{'drive/folders' if node.get('folder') else 'file/d'}/{node.id}"
     if kind == "url_list":
-        return f"the image URLs in the prompt file's {node.get('column', 'url')!r} column"
+        return (f"the image URLs in the {node.get('column', 'url')!r} column of "
+                + (Path(str(node.file)).name if node.get("file") else "the prompt file"))
     return str(node.get("note") or kind)
 
 

@@ -35,7 +35,7 @@ class Detection:
     """The ``metrics.detection`` settings: how many steps ``detection_mean`` averages and where labels come from.
 
     ``labels``: ``group`` (prompts in ``positive`` groups are memorized, in ``negative`` groups not, others left
-    out) or ``copy`` (an image whose ``similarity`` exceeds ``metrics.copy_threshold`` is memorized: needs the
+    out; each positive group is also scored alone against the negatives, ``groups``) or ``copy`` (an image whose ``similarity`` exceeds ``metrics.copy_threshold`` is memorized: needs the
     similarity stage; the copy threshold is ``metrics.copy_threshold``, else ``metrics.threshold``)."""
 
     steps: int = 10
@@ -112,7 +112,23 @@ def detection_stage_result(settings: Detection, run_dir: Path, generations: pd.D
         result.update({name: roc_summary(generations[name].to_numpy()[keep], labels[keep]) for name in SCORES})
         write_roc(run_dir / "roc.png", {name: generations[name].to_numpy()[keep] for name in SCORES}, labels[keep],
                   source, settings.steps)
+        if settings.labels == "group":
+            result.update(group_summaries(settings, generations, labels))
     return {"detection": result}
+
+
+def group_summaries(settings: Detection, generations: pd.DataFrame, labels: np.ndarray) -> dict:
+    """``{"groups": {g: ...}}``: each positive group that has images against all the negative groups' images."""
+    groups = generations.group.astype(str).to_numpy()
+    out = {}
+    for group in settings.positive:
+        mine = groups == group
+        if not mine.any():
+            continue
+        keep = mine | (labels == 0)
+        out[group] = {"n_positive": int(mine.sum()),
+                      **{name: roc_summary(generations[name].to_numpy()[keep], labels[keep]) for name in SCORES}}
+    return {"groups": out} if out else {}
 
 
 def write_roc(path: Path, scores: dict[str, np.ndarray], labels: np.ndarray, source: str, steps: int) -> None:

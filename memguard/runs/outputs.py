@@ -28,6 +28,15 @@ def transition_summary(records: list[Record]) -> dict[str, Any]:
     }
 
 
+def transition_groups(records: list[Record], groups: list[str | None]) -> dict[str, Any]:
+    """``{"groups": {group: transition_summary}}`` where the prompts carry more than one group, else empty."""
+    by: dict[str, list[Record]] = {}
+    for r in records:
+        if groups[r.prompt_idx] is not None:
+            by.setdefault(str(groups[r.prompt_idx]), []).append(r)
+    return {"groups": {g: transition_summary(rs) for g, rs in by.items()}} if len(by) > 1 else {}
+
+
 def baseline_summary(records: list[Record]) -> dict[str, Any]:
     """Means of what an embedding baseline reported per image (iterations, norms, fraction that reached the
     target), so a baseline that stops at its iteration cap shows in metrics.json."""
