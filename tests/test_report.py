@@ -3,6 +3,8 @@ the labelled grid; `memguard plot`."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -30,6 +32,39 @@ window.addEventListener("load", () => {
   document.body.appendChild(out);
 });
 </script></body>"""
+
+
+LAYOUT = """<script>
+window.addEventListener("load", () => {
+  const out = document.createElement("pre");
+  out.id = "layout-check";
+  const headings = [...document.querySelectorAll("h2")].map(h => h.textContent);
+  const first = document.querySelector("h2 + table");
+  const details = document.querySelector("details#metrics");
+  const visible = [...document.querySelectorAll("td")].filter(td => td.checkVisibility()).map(td => td.textContent);
+  out.textContent = JSON.stringify({headings, firstTable: first ? [...first.rows].map(r => [...r.cells].map(c => c.textContent)) : null,
+    detailsOpen: details ? details.open : null, detailsLast: details ? details === [...document.body.children].filter(e => e.tagName !== "SCRIPT").pop() : null,
+    visibleCells: visible});
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+def chromium_dom(page: Path, script: str, element: str) -> str:
+    """Open a copy of ``page`` with ``script`` in headless Chromium and return the text ``script`` put into
+    ``<pre id=element>``."""
+    probe = page.with_name(f"_probe_{page.name}")
+    probe.write_text(page.read_text().replace("</body>", script))
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    found = re.search(f'<pre id="{element}">(.*?)</pre>', result.stdout, re.DOTALL)
+    assert found, f"no {element} in Chromium's DOM: {result.stderr[-2000:]}"
+    return html.unescape(found.group(1))
 
 
 def image_widths(page: Path) -> dict[str, int]:
@@ -67,6 +102,21 @@ def test_report_links_are_relative_and_name_every_image(evaluated_run: Path) -> 
     for name in ("grid.png", "d_curves.png", "norms.png", "images/00000_0.png", "images/00001_1.png"):
         assert f"src='{name}'" in page, name
     assert "similarity.p95" in page  # the metrics are on the page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: .ci/run)")
+def test_report_opens_with_the_summary_and_ends_with_metrics_collapsed(evaluated_run: Path) -> None:
+    layout = json.loads(chromium_dom(evaluated_run / "report.html", LAYOUT, "layout-check"))
+    assert layout["headings"] == ["Summary", "Figures", "Images"]  # the dump is no heading of its own
+    header, *rows = layout["firstTable"]
+    assert header[:3] == ["group", "prompts / images", "similarity p95"] and "alignment" not in header  # metrics=pixel
+    assert [r[0] for r in rows] == ["all"] and rows[0][1] == "2 / 4"
+    metrics = json.loads((evaluated_run / "metrics.json").read_text())["similarity"]
+    shown = re.fullmatch(r"(\d\.\d{2,3}) \[(\d\.\d{2,3}), (\d\.\d{2,3})\]", rows[0][2])  # 3 digits [lo, hi]
+    assert shown, rows[0][2]
+    assert [float(v) for v in shown.groups()] == pytest.approx([metrics[k] for k in ("p95", "p95_lo", "p95_hi")], abs=0.006)
+    assert layout["detailsOpen"] is False and layout["detailsLast"] is True
+    assert "similarity.p95" not in layout["visibleCells"]  # collapsed: the dump's rows are not shown
 
 
 def test_grid_has_a_reference_column(evaluated_run: Path) -> None:
