@@ -78,6 +78,26 @@ def by_group(generations: pd.DataFrame, column: str,
                        for g, rows in generations.groupby("group", sort=False)}}
 
 
+def similarity_summary(values: torch.Tensor, prompts: np.ndarray, threshold: float,
+                       copy_threshold: float | None) -> dict[str, Any]:
+    """The similarity aggregate of some images (NaNs left out) with the intervals over their ``prompts``."""
+    keep = ~torch.isnan(values)
+    values, prompts = values[keep], prompts[keep.numpy()]
+    out = summarize(values, threshold)
+    x = values.double().numpy()
+    statistics = {"p95": (x, Percentile(95)), "mean": (x, "mean"), f"frac_above_{threshold:g}": (x, Above(threshold))}
+    if copy_threshold is not None:
+        out["copy_fraction"] = float((values > copy_threshold).double().mean())
+        statistics["copy_fraction"] = (x, Above(copy_threshold))
+    return with_intervals(out, intervals(prompts, statistics))
+
+
+def alignment_summary(values: torch.Tensor, prompts: np.ndarray) -> dict[str, Any]:
+    """The alignment aggregate (mean, std) of some images with the mean's interval over their ``prompts``."""
+    out = {"mean": float(values.double().mean()), "std": float(values.double().std(unbiased=False))}
+    return with_intervals(out, intervals(prompts, {"mean": (values.double().numpy(), "mean")}))
+
+
 def reference_groups(generations: pd.DataFrame, references: list[Path], root: Path) -> list[list[int]] | None:
     """Per generation, the indices of the references in its prompt's own subfolder ``root/<reference_key>/``
     (references_per_prompt; an empty list where that folder has no images: the generation is left out), or None
@@ -121,16 +141,7 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
                     len(without), ", ".join(without[:10]))
 
     def summary(values: torch.Tensor, prompts: np.ndarray) -> dict[str, Any]:
-        keep = ~torch.isnan(values)
-        values, prompts = values[keep], prompts[keep.numpy()]
-        out = summarize(values, cfg.metrics.threshold)
-        x = values.double().numpy()
-        statistics = {"p95": (x, Percentile(95)), "mean": (x, "mean"),
-                      f"frac_above_{cfg.metrics.threshold:g}": (x, Above(cfg.metrics.threshold))}
-        if cfg.metrics.copy_threshold is not None:
-            out["copy_fraction"] = float((values > cfg.metrics.copy_threshold).double().mean())
-            statistics["copy_fraction"] = (x, Above(cfg.metrics.copy_threshold))
-        return with_intervals(out, intervals(prompts, statistics))
+        return similarity_summary(values, prompts, cfg.metrics.threshold, cfg.metrics.copy_threshold)
 
     result = {"embedder": embedder.name, "threshold": cfg.metrics.threshold,
               "copy_threshold": cfg.metrics.copy_threshold, "references": len(references),
@@ -156,12 +167,9 @@ def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, r
         raise unreadable.error(f"run_dir={str(run_dir)!r}", REMAKE_FIX)
     generations["alignment"] = scores.numpy()
 
-    def summary(values: torch.Tensor, prompts: np.ndarray) -> dict[str, Any]:
-        out = {"mean": float(values.double().mean()), "std": float(values.double().std(unbiased=False))}
-        return with_intervals(out, intervals(prompts, {"mean": (values.double().numpy(), "mean")}))
-
-    result = {"scorer": scorer.name, **summary(torch.tensor(generations.alignment.to_numpy()), prompt_ids(generations)),
-              **by_group(generations, "alignment", summary)}
+    result = {"scorer": scorer.name,
+              **alignment_summary(torch.tensor(generations.alignment.to_numpy()), prompt_ids(generations)),
+              **by_group(generations, "alignment", alignment_summary)}
     log.info("alignment (%s) %.4f +- %.4f", scorer.name, result["mean"], result["std"])
     return {"alignment": result}
 

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from memguard.metrics.bootstrap import Above, Percentile, difference_interval
-from memguard.runs.report import write_table_report, write_tables_index
 from memguard.runs.plots import plot_tradeoff
+from memguard.runs.report import write_table_report, write_tables_index
 from memguard.runs.summary import (
     group_names,
     interval_note,

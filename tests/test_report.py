@@ -60,7 +60,7 @@ def chromium_dom(page: Path, script: str, element: str) -> str:
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=120, check=False)
     probe.unlink()
     found = re.search(f'<pre id="{element}">(.*?)</pre>', result.stdout, re.DOTALL)
     assert found, f"no {element} in Chromium's DOM: {result.stderr[-2000:]}"

@@ -37,8 +37,10 @@ def fake_run(root: Path, scenario: str, mitigation: str, p95: float, groups: dic
 def evaluated_run(root: Path, scenario: str, mitigation: str, similarity: dict[str, list[list[float]]],
                   alignment: dict[str, list[list[float]]], copy_threshold: float | None = None) -> pd.DataFrame:
     """A run folder as `memguard evaluate` leaves it, from per-image scores: ``{group: [[prompt's images]]}``;
-    its metrics.json written by the evaluation's own summaries (memguard.evaluate)."""
-    from omegaconf import OmegaConf
+    its metrics.json written by the evaluation's own summaries (memguard.evaluate), intervals included."""
+    import torch
+
+    from memguard.evaluate import alignment_summary, by_group, prompt_ids, similarity_summary
 
     records, idx = [], 0
     for group, prompts in similarity.items():
@@ -50,33 +52,15 @@ def evaluated_run(root: Path, scenario: str, mitigation: str, similarity: dict[s
     folder = root / "runs" / scenario / mitigation
     folder.mkdir(parents=True)
     gens.to_csv(folder / "generations.csv", index=False)
-    cfg = OmegaConf.create({"metrics": {"threshold": 0.5, "copy_threshold": copy_threshold}})
-    metrics = {"similarity": summaries(gens, "similarity", cfg), "alignment": summaries(gens, "alignment", cfg)}
-    metrics["similarity"] |= {"embedder": SSCD, "copy_threshold": copy_threshold}
-    metrics["alignment"]["scorer"] = "clip[ViT-g-14, ViT-g-14.bin]"
+    sim, align = torch.tensor(gens.similarity.to_numpy()), torch.tensor(gens.alignment.to_numpy())
+    metrics = {
+        "similarity": {"embedder": SSCD, "copy_threshold": copy_threshold,
+                       **similarity_summary(sim, prompt_ids(gens), 0.5, copy_threshold),
+                       **by_group(gens, "similarity", lambda v, p: similarity_summary(v, p, 0.5, copy_threshold))},
+        "alignment": {"scorer": "clip[ViT-g-14, ViT-g-14.bin]", **alignment_summary(align, prompt_ids(gens)),
+                      **by_group(gens, "alignment", alignment_summary)}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return gens
-
-
-def summaries(gens: pd.DataFrame, column: str, cfg) -> dict:
-    """The overall and per-group aggregate of one column with its intervals, as the evaluation computes them."""
-    import torch
-
-    from memguard.evaluate import by_group, prompt_ids
-    from memguard.metrics.bootstrap import Above, Percentile, intervals, with_intervals
-    from memguard.metrics.similarity import summarize
-
-    def summary(values: torch.Tensor, prompts) -> dict:
-        x = values.double().numpy()
-        if column == "alignment":
-            return with_intervals({"mean": float(x.mean()), "std": float(x.std())}, intervals(prompts, {"mean": (x, "mean")}))
-        out, stats = summarize(values), {"p95": (x, Percentile(95)), "mean": (x, "mean")}
-        if cfg.metrics.copy_threshold is not None:
-            out["copy_fraction"] = float((x > cfg.metrics.copy_threshold).mean())
-            stats["copy_fraction"] = (x, Above(cfg.metrics.copy_threshold))
-        return with_intervals(out, intervals(prompts, stats))
-
-    return {**summary(torch.tensor(gens[column].to_numpy()), prompt_ids(gens)), **by_group(gens, column, summary)}
 
 
 def test_paper_tables_have_the_papers_rows_and_columns(tmp_path: Path) -> None:
@@ -166,7 +150,7 @@ def test_markdown_has_three_digits_and_intervals_the_csv_full_precision(tmp_path
     assert csv.loc["No mitigation", "Similarity (95pc)_lo"] == pytest.approx(0.5871428571428572)
     assert csv.loc["Ours (STP)", "CLIP Score_hi"] == 0.32 and csv.loc["Ours (STP)", "similarity by"] == SSCD
     html = (tmp_path / "tables" / "table1.html").read_text()
-    assert "<td>0.607 [0.587, 0.622]</td>" in html and html.count(SSCD) == 1
+    assert "<td class='n'>0.607 [0.587, 0.622]</td>" in html and html.count(SSCD) == 1
 
 
 def test_groups_split_the_paper_tables_and_the_cost_table_compares_with_none(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -46,8 +46,8 @@ class Above:
     threshold: float
 
 
-Statistic = Union[Literal["mean"], Percentile, Above]
-ArrayLike = Union[np.ndarray, Sequence[float]]
+Statistic = Literal["mean"] | Percentile | Above
+ArrayLike = np.ndarray | Sequence[float]
 
 
 def describe(n: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> dict[str, object]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 from memguard.runs.summary import interval_note, measured_with, run_summary, with_interval
 
+NUMBER_CELL = re.compile(r"^-?\d[\d.]* \[")
 # Figures of a run folder, in the order the report shows them: file, caption.
 FIGURES = (
     ("grid.png", "Generations: rows are prompts, columns their images by seed; first column the nearest reference image; "
@@ -116,7 +118,7 @@ def _page(title: str, body: str) -> str:
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left} img.thumb{width:48px;image-rendering:pixelated}"
              "figure{margin:1em 0} figcaption{font-size:13px;color:#444} ul.notes{font-size:13px;color:#333}"
              "details{margin:1.5em 0} summary{cursor:pointer;font-weight:bold} p.note{font-size:13px;color:#333}"
-             "figure img{max-width:100%} a.small{font-size:13px;font-weight:normal}")
+             "td.n{white-space:nowrap} figure img{max-width:100%} a.small{font-size:13px;font-weight:normal}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
@@ -134,6 +136,8 @@ def _table(frame: pd.DataFrame, image_columns: dict[str, str] | None = None) -> 
             elif column in image_columns:
                 src = html.escape(image_columns[column] + str(value))
                 cells.append(f"<td><a href='{src}'><img class='thumb' src='{src}' alt='{src}'></a></td>")
+            elif isinstance(value, str) and NUMBER_CELL.match(value):  # a number [and its interval]: kept on one line
+                cells.append(f"<td class='n'>{html.escape(value)}</td>")
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
