@@ -155,3 +155,23 @@ def test_plot_draws_norms_and_refuses_folders_without_them(evaluated_run: Path, 
     assert result.returncode == 2
     assert "has no recorded norm_c/norm_u" in result.stderr and "re-run" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_summary_reads_every_sections_groups_and_formats_three_digits() -> None:
+    from memguard.runs.summary import run_summary, with_interval
+
+    assert with_interval(0.6071428571428572, 0.5871, 0.6221) == "0.607 [0.587, 0.622]"
+    assert with_interval(0.142857, 0.0, 0.357) == "0.143 [0.000, 0.357]"
+    assert with_interval(1742.54) == "1740" and with_interval(0.31, None, None) == "0.310"
+    metrics = {  # a section the summary does not know, with a group no other section has, is shown too
+        "similarity": {"embedder": "pixel", "p95": 0.9, "p95_lo": 0.8, "p95_hi": 0.95,
+                       "groups": {"memorized": {"p95": 0.97, "p95_lo": 0.96, "p95_hi": 0.99}}},
+        "cost": {"groups": {"unmemorized": {"alignment_drop": 0.0123, "alignment_drop_lo": 0.01,
+                                            "alignment_drop_hi": 0.015, "note": "text"}}},
+    }
+    rows = {r["group"]: r for r in run_summary(metrics, {"all": (3, 12)})}
+    assert list(rows) == ["all", "memorized", "unmemorized"]
+    assert rows["all"]["similarity p95"] == "0.900 [0.800, 0.950]" and rows["all"]["prompts / images"] == "3 / 12"
+    assert rows["memorized"]["similarity p95"] == "0.970 [0.960, 0.990]"
+    assert rows["unmemorized"]["cost alignment_drop"] == "0.0123 [0.0100, 0.0150]"
+    assert rows["unmemorized"]["similarity p95"] == ""  # no entry for that group: no number, not the overall one
