@@ -38,6 +38,7 @@ from memguard.errors import UserError, instantiate_checked
 from memguard.families import Family, family_class, load_family
 from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
+from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import (baseline_summary, transition_groups, transition_summary, write_figures,
                                    write_tables)
@@ -232,7 +233,8 @@ def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record
         "n_images": len(ordered),
         "transition": {**transition_summary(ordered), **transition_groups(ordered, loaded.groups)},
         **baseline_summary(ordered),
-        "d_step0_mean": mean_or_none([r.d[0] for r in ordered]),
+        **with_intervals({"d_step0_mean": mean_or_none([r.d[0] for r in ordered])},
+                         intervals([r.prompt_idx for r in ordered], {"d_step0_mean": ([r.d[0] for r in ordered], "mean")})),
         "unet_evals_per_image": mean_or_none([r.unet_evals for r in ordered if r.unet_evals is not None]),
         "generation": {"images_made": len(todo), "seconds": round(seconds, 3),
                        "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None},

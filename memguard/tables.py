@@ -11,13 +11,27 @@ steps, scale, the baselines' settings and the metric networks.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from memguard.runs.report import write_table_report
+from memguard.metrics.bootstrap import Above, Percentile, difference_interval
+from memguard.runs.plots import plot_tradeoff
+from memguard.runs.report import write_table_report, write_tables_index
+from memguard.runs.summary import (
+    group_names,
+    interval_note,
+    measured_with,
+    networks,
+    section,
+    sig,
+    with_interval,
+)
 
 SIM, MEAN_STD, CLIP, FID = "Similarity (95pc)", "Mean ± Std", "CLIP Score", "FID"
 
@@ -106,64 +120,130 @@ def run_command(scenario: str, row: Row, metrics: str = "paper") -> str:
     return f"memguard run scenario={scenario} mitigation={_mitigation_option(row.mitigation)} metrics={metrics}{extra}"
 
 
-def values(metrics: dict[str, Any], group: str | None = None) -> dict[str, Any]:
-    """The table cells of one run (one prompt group where ``group`` is given), and what made them."""
-    sim, align, fid = metrics.get("similarity"), metrics.get("alignment"), metrics.get("fid")
-    if group is not None:
-        sim = None if sim is None else {**sim, **sim.get("groups", {}).get(group, {})}
-        align = None if align is None else {**align, **align.get("groups", {}).get(group, {})}
+MEAN, STD, COPIES = "Similarity mean", "Similarity std", "Copy fraction"
+NETWORK_COLUMNS = ("similarity by", "alignment by", "fid by")
+# The prompt group a mitigation should leave alone (the first of these a run has): the paper scenarios' control
+# prompts, or the tiny scenario's captions of unique training images.
+CONTROL_GROUPS = ("unmemorized", "unique")
+
+
+def _put(out: dict[str, Any], column: str, entry: dict[str, Any] | None, key: str, interval: bool = True) -> None:
+    """``out[column]`` (and ``column_lo`` / ``column_hi``) from ``entry[key]`` (``key_lo`` / ``key_hi``)."""
+    entry = entry or {}
+    out[column] = entry.get(key)
+    if interval:
+        out[f"{column}_lo"], out[f"{column}_hi"] = entry.get(f"{key}_lo"), entry.get(f"{key}_hi")
+
+
+def values(metrics: dict[str, Any], group: str | None = None, whole_run_fid: bool = True) -> dict[str, Any]:
+    """The table cells of one run (one prompt group where ``group`` is given) at full precision, each with its
+    interval (``<column>_lo`` / ``_hi``, empty for folders evaluated before intervals), and what made them. A group
+    gets the run's FID where the FID stage gave none per group, unless ``whole_run_fid`` is false."""
+    sim, align, fid = (section(metrics, k, group) for k in ("similarity", "alignment", "fid"))
+    if group is not None and not whole_run_fid and "groups" not in (metrics.get("fid") or {}):
+        fid = None
     out: dict[str, Any] = {}
     if sim is not None:
-        out |= {SIM: round(sim["p95"], 4), MEAN_STD: f"{sim['mean']:.4f} ± {sim['std']:.2f}",
-                "copy fraction": sim.get("copy_fraction"), "similarity by": sim["embedder"]}
+        _put(out, SIM, sim, "p95")
+        _put(out, MEAN, sim, "mean")
+        _put(out, STD, sim, "std", interval=False)
+        _put(out, COPIES, sim, "copy_fraction")
+        out["similarity by"] = sim.get("embedder")
     if align is not None:
-        out |= {CLIP: round(align["mean"], 4), "alignment by": align["scorer"]}
+        _put(out, CLIP, align, "mean")
+        out["alignment by"] = align.get("scorer")
     if fid is not None:
-        out |= {FID: round(fid["value"], 2), "fid by": f"{fid['kind']}: {fid['features']}"}
+        _put(out, FID, fid, "value", interval="value_lo" in fid)
+        out["fid by"] = f"{fid.get('kind')}: {fid.get('features')}"
     return out
 
 
+def _columns(column: str) -> list[str]:
+    """The CSV columns of one of a table's columns: the value, its interval, the paper's value."""
+    if column == MEAN_STD:
+        return [MEAN, f"{MEAN}_lo", f"{MEAN}_hi", STD, f"{MEAN_STD} [paper]"]
+    return [column] + ([f"{column}_lo", f"{column}_hi"] if column != FID else []) + [f"{column} [paper]"]
+
+
 def paper_table(table: Table, runs_dir: Path) -> pd.DataFrame:
+    """One row per paper row (``Prompts`` = ``all``, the paper's value beside ours) and, where its run has prompt
+    groups, one more row per group."""
     records = []
     for row in table.rows:
         metrics = read_metrics(runs_dir, table.scenario, row.mitigation)
-        ours = values(metrics) if metrics else {}
-        record: dict[str, Any] = {"Method": row.label}
-        for column in table.columns:
-            record[column] = ours.get(column)
-            record[f"{column} [paper]"] = row.paper.get(column)
-        record |= {k: ours.get(k) for k in ("similarity by", "alignment by", "fid by")}
-        record["run"] = f"{table.scenario}/{row.mitigation}"
-        record["command"] = "" if metrics else run_command(table.scenario, row)
-        records.append(record)
+        for group in [None, *(group_names(metrics) if metrics else [])]:
+            ours = values(metrics, group, whole_run_fid=False) if metrics else {}
+            record: dict[str, Any] = {"Method": row.label, "Prompts": group or "all"}
+            for column in table.columns:
+                for name in _columns(column):
+                    record[name] = (row.paper.get(column) if group is None else None) if name.endswith("[paper]") \
+                        else ours.get(name)
+            record |= {k: ours.get(k) for k in NETWORK_COLUMNS}
+            record["run"] = f"{table.scenario}/{row.mitigation}"
+            record["command"] = "" if metrics else run_command(table.scenario, row)
+            records.append(record)
     return pd.DataFrame(records)
 
 
 TINY_ROWS = ("none", "uncond", "stp_t300", "stp_t500", "stp_t700", "og_stp_t500", "dtp", "og_dtp", "rand_word",
              "rand_numb", "wen_l3", "wen_l1", "ren")
+TINY_COLUMNS = ("Mitigation", "Captions", SIM, f"{SIM}_lo", f"{SIM}_hi", MEAN, f"{MEAN}_lo", f"{MEAN}_hi", STD,
+                COPIES, f"{COPIES}_lo", f"{COPIES}_hi", "Alignment", "Alignment_lo", "Alignment_hi", "FID-like",
+                "never switched", "never switched_lo", "never switched_hi", *NETWORK_COLUMNS)
+
+
+def tiny_runs(runs_dir: Path, scenario: str = "tiny") -> list[str]:
+    """The tiny run folders present: the table's rows first, then any other."""
+    folder = runs_dir / scenario
+    present = sorted(p.parent.name for p in folder.glob("*/metrics.json")) if folder.is_dir() else []
+    return [m for m in TINY_ROWS if m in present] + [m for m in present if m not in TINY_ROWS]
 
 
 def tiny_table(runs_dir: Path, scenario: str = "tiny") -> pd.DataFrame:
-    """One row per (mitigation, prompt group) of every tiny run present, the table's rows first, then any other."""
-    folder = runs_dir / scenario
-    present = sorted(p.parent.name for p in folder.glob("*/metrics.json")) if folder.is_dir() else []
-    order = [m for m in TINY_ROWS if m in present] + [m for m in present if m not in TINY_ROWS]
+    """One row per (mitigation, prompt group) of every tiny run present, the table's rows first, then any other.
+    A group's row carries the run's FID-like distance (over all its images) where there is none per group."""
     records = []
-    for mitigation in order:
+    for mitigation in tiny_runs(runs_dir, scenario):
         metrics = read_metrics(runs_dir, scenario, mitigation)
-        groups = list(metrics.get("similarity", {}).get("groups", {})) or [None]
         transition = metrics.get("transition", {})
-        for group in groups:
+        for group in group_names(metrics) or [None]:
             cells = values(metrics, group)
-            records.append({
-                "Mitigation": mitigation, "Captions": group or "all", SIM: cells.get(SIM),
-                MEAN_STD: cells.get(MEAN_STD), "Copy fraction": cells.get("copy fraction"),
-                "Alignment": cells.get(CLIP), "FID-like": cells.get(FID),
-                "never switched": transition.get("never_fired_fraction"),
-                "similarity by": cells.get("similarity by"), "alignment by": cells.get("alignment by"),
-                "fid by": cells.get("fid by"),
-            })
-    return pd.DataFrame(records)
+            record = {"Mitigation": mitigation, "Captions": group or "all", "run": f"{scenario}/{mitigation}"}
+            for column in TINY_COLUMNS[2:]:
+                base, suffix = (column[:-3], column[-3:]) if column.endswith(("_lo", "_hi")) else (column, "")
+                record[column] = (transition.get(f"never_fired_fraction{suffix}") if base == "never switched"
+                                  else cells.get({"Alignment": CLIP, "FID-like": FID}.get(base, base) + suffix))
+            records.append(record)
+    return pd.DataFrame(records, columns=[*TINY_COLUMNS, "run"])
+
+
+def display(frame: pd.DataFrame) -> pd.DataFrame:
+    """A table for people, from the CSV's: each number to 3 significant digits with its interval
+    (``0.512 [0.491, 0.533]``), ``Mean ± Std`` from the similarity mean (with its interval) and std, the paper's
+    values as published; the networks, stated once under the table (:func:`notes`), and the intervals' own
+    columns left out, as is the ``Prompts`` column of a table without groups."""
+    def text(v: Any) -> str:
+        return "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+
+    out: dict[str, list[str]] = {}
+    rows = frame.to_dict("records")
+    for column in frame.columns:
+        if column.endswith(("_lo", "_hi")) or column in NETWORK_COLUMNS or column == STD:
+            continue
+        if column == "Prompts" and set(frame[column]) <= {"all"}:
+            continue
+        if column == MEAN:
+            out[MEAN_STD] = [with_interval(r[MEAN], r.get(f"{MEAN}_lo"), r.get(f"{MEAN}_hi"))
+                             + (f" ± {sig(r[STD], 2)}" if sig(r.get(STD)) else "") if sig(r[MEAN]) else "" for r in rows]
+        elif f"{column}_lo" in frame:
+            out[column] = [with_interval(r[column], r[f"{column}_lo"], r[f"{column}_hi"]) for r in rows]
+        elif column.endswith("[paper]"):
+            out[column] = [text(r[column]) for r in rows]
+        elif pd.api.types.is_numeric_dtype(frame[column]):
+            out[column] = [sig(r[column]) for r in rows]
+        else:
+            out[column] = [text(r[column]) for r in rows]
+    return pd.DataFrame(out)
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
@@ -174,6 +254,77 @@ def to_markdown(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _generations(runs_dir: Path, run: str) -> pd.DataFrame | None:
+    path = runs_dir / run / "generations.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def cost_table(runs_dir: Path, scenario: str, rows: list[tuple[str, str]]) -> tuple[pd.DataFrame, str] | None:
+    """What each mitigation removes from the memorized prompts and what it costs the control prompts (the first
+    of :data:`CONTROL_GROUPS` the ``none`` run has), each against the ``none`` run of the same scenario, on the
+    same prompts: ``Copies removed`` = none's copy fraction (similarity p95 where no copy threshold) on every
+    other group's prompts minus the mitigation's; ``Alignment lost`` = none's mean alignment on the control
+    prompts minus the mitigation's; ``FID added`` = the mitigation's FID on the control prompts minus none's (where
+    the FID stage gave one per group). Intervals: paired bootstrap over prompts, from each run's
+    ``generations.csv``. ``rows``: (label, run folder name). None without a control group or a ``none`` run;
+    else the table and a sentence saying what was compared."""
+    base_metrics = read_metrics(runs_dir, scenario, "none")
+    base = _generations(runs_dir, f"{scenario}/none")
+    if base_metrics is None or base is None or "group" not in base:
+        return None
+    groups = [str(g) for g in dict.fromkeys(base.group.dropna())]
+    control = next((g for g in CONTROL_GROUPS if g in groups), None)
+    if control is None:
+        return None
+    memorized = [g for g in groups if g != control]
+    threshold = (base_metrics.get("similarity") or {}).get("copy_threshold")
+    statistic = Above(threshold) if threshold is not None else Percentile(95)
+    copies = "copy fraction" if threshold is not None else "similarity p95"
+
+    def measure(values: Any, stat: Any) -> float:
+        x = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy()
+        return math.nan if not len(x) else float((x > stat.threshold).mean()) if isinstance(stat, Above) \
+            else float(np.percentile(x, stat.q)) if isinstance(stat, Percentile) else float(x.mean())
+
+    def delta(column: str, rows_base: pd.DataFrame, rows_run: pd.DataFrame, stat: Any) -> list[float | None]:
+        if column not in rows_base or column not in rows_run or rows_run.empty:
+            return [None, None, None]
+        a, b = rows_base[column].to_numpy(dtype=float), rows_run[column].to_numpy(dtype=float)
+        lo, hi = difference_interval(a, rows_base.prompt_idx, b, rows_run.prompt_idx, stat)
+        point = measure(a, stat) - measure(b, stat)
+        return [point, None if math.isnan(lo) else lo, None if math.isnan(hi) else hi]
+
+    records = []
+    for label, mitigation in rows:
+        gens, metrics = _generations(runs_dir, f"{scenario}/{mitigation}"), read_metrics(runs_dir, scenario, mitigation)
+        if mitigation == "none" or gens is None or metrics is None or "group" not in gens:
+            continue
+        gens = gens.assign(group=gens.group.astype(str))
+        base_mem, run_mem = base[base.group.astype(str).isin(memorized)], gens[gens.group.isin(memorized)]
+        base_ctl, run_ctl = base[base.group.astype(str) == control], gens[gens.group == control]
+        record: dict[str, Any] = {"Mitigation": label}
+        record |= dict(zip(("Copies removed", "Copies removed_lo", "Copies removed_hi"),
+                           delta("similarity", base_mem, run_mem, statistic)))
+        lost = delta("alignment", base_ctl, run_ctl, "mean")
+        record |= dict(zip(("Alignment lost", "Alignment lost_lo", "Alignment lost_hi"), lost))
+        fid_run, fid_base = (((m.get("fid") or {}).get("groups") or {}).get(control, {}).get("value")
+                             for m in (metrics, base_metrics))
+        record["FID added"] = fid_run - fid_base if fid_run is not None and fid_base is not None else None
+        record["run"] = f"{scenario}/{mitigation}"
+        records.append(record)
+    if not records:
+        return None
+    frame = pd.DataFrame(records)
+    if frame["FID added"].isna().all():
+        frame = frame.drop(columns=["FID added"])
+    note = (f"Against `{scenario}/none` on the same prompts. Copies removed: its {copies} on the memorized prompts "
+            f"(groups {', '.join(memorized)}) minus the mitigation's (more is better); alignment lost: its mean "
+            f"alignment on the `{control}` prompts minus the mitigation's"
+            + ("; FID added: the mitigation's FID on them minus its" if "FID added" in frame else "")
+            + " (less is better). Intervals: paired bootstrap over prompts.")
+    return frame, note
 
 
 def _short(target: Any) -> str:
@@ -224,21 +375,108 @@ def protocol_text(runs_dir: Path, scenario: str, mitigations: list[str]) -> str:
     return "Protocol (from each run folder's config.yaml):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
+@dataclass
+class Laid:
+    """One table as ``memguard tables`` writes it: the CSV's frame, the displayed frame, the notes under it,
+    the cost table, the trade-off figure's file and points (None: no figure) and the protocol."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    shown: pd.DataFrame
+    notes: list[str]
+    cost: tuple[pd.DataFrame, str] | None
+    figure: str | None
+    points: list[dict] | None
+    protocol: str
+    present: int  # run folders present
+
+    @property
+    def runs(self) -> list[str]:
+        return [r for r in dict.fromkeys(self.frame["run"])] if "run" in self.frame else []
+
+
+def notes(runs: dict[str, dict[str, Any]], whole_run_fid: bool) -> list[str]:
+    """Under a table: what every column was measured with (once) and how its intervals were computed."""
+    if not runs:
+        return []
+    lines = [f"Measured with: {'; '.join(measured_with(runs))}.", interval_note(next(iter(runs.values()))) + "."]
+    if whole_run_fid and any("groups" not in (m.get("fid") or {"groups": 0}) for m in runs.values()):
+        lines.append("FID-like: over all of a run's images, given on each of its groups' rows.")
+    return lines
+
+
+def _network_name(text: str | None) -> str:
+    """A network's name without its details: ``clip[ViT-g-14, ViT-g-14.bin]`` -> ``clip[ViT-g-14]``."""
+    return re.sub(r",[^\]]*\]", "]", (text or "?").split(" (")[0])
+
+
+def lay_out(name: str, title: str, frame: pd.DataFrame, scenario: str, rows: list[tuple[str, str]], tables: Path,
+            runs_dir: Path, protocol: str, tiny: bool = False) -> Laid:
+    """A table with its notes, cost table and trade-off figure (written to ``tables``)."""
+    present = {m: metrics for _, m in rows if (metrics := read_metrics(runs_dir, scenario, m)) is not None}
+    copies = COPIES if COPIES in frame and frame[COPIES].notna().any() else SIM
+    by = networks(next(iter(present.values()), {}))
+    points = plot_tradeoff(
+        frame, tables / f"{name}_tradeoff.png", title, copies, "Alignment" if tiny else CLIP,
+        "Mitigation" if tiny else "Method", "Captions" if tiny else "Prompts", "run",
+        f"{'copy fraction' if copies == COPIES else 'similarity p95'} ({_network_name(by.get('similarity'))})",
+        f"alignment ({_network_name(by.get('alignment'))})")
+    if not points:
+        (tables / f"{name}_tradeoff.png").unlink(missing_ok=True)  # a figure of runs since removed
+    shown = display(frame.drop(columns=["run"]) if tiny else frame)
+    return Laid(name, title, frame, shown, notes(present, tiny), cost_table(runs_dir, scenario, rows),
+                f"{name}_tradeoff.png" if points else None, points, protocol, len(present))
+
+
+def markdown(laid: Laid) -> str:
+    """A table's Markdown: the table, the notes, the cost table, the trade-off figure, the protocol."""
+    parts = [f"## {laid.title}\n", to_markdown(laid.shown)]
+    parts += ["\n".join(f"- {n}" for n in laid.notes) + "\n"] if laid.notes else []
+    if laid.cost is not None:
+        parts += [f"What each mitigation removes and costs. {laid.cost[1]}\n", to_markdown(display(laid.cost[0]))]
+    if laid.figure:
+        parts.append(f"![copies against alignment]({laid.figure})\n")
+    if laid.protocol:
+        parts.append(laid.protocol)
+    return "\n".join(parts)
+
+
 def write_tables(output_dir: str | Path) -> list[Path]:
-    """Write ``tables/table{1..5}.{csv,md,html}`` and ``tables/tiny.{csv,md,html}`` under ``output_dir``."""
+    """Write under ``output_dir/tables``: ``table{1..5}`` and ``tiny``, each as ``.csv`` (full precision, ``_lo`` /
+    ``_hi`` columns), ``.md`` and ``.html`` (3 significant digits with intervals, the networks stated once under the
+    table), ``_cost.csv`` where a control group exists, ``_tradeoff.png`` where runs with similarity and alignment
+    exist; and ``report.html``, every table with its figure on one page."""
     out = Path(output_dir)
     runs, tables = out / "runs", out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    frames = {f"table{t.number}": (paper_table(t, runs), f"Table {t.number} ({t.scenario})") for t in PAPER_TABLES}
-    frames["tiny"] = (tiny_table(runs), "The tiny scenario (pixel similarity, attribute alignment: not SSCD/CLIP)")
-    protocols = {f"table{t.number}": protocol_text(runs, t.scenario, [r.mitigation for r in t.rows]) for t in PAPER_TABLES}
-    tiny = runs / "tiny"
-    protocols["tiny"] = protocol_text(runs, "tiny", sorted(p.name for p in tiny.iterdir() if p.is_dir())
-                                      if tiny.is_dir() else [])
+    laid = []
+    for t in PAPER_TABLES:
+        rows = [(r.label, r.mitigation) for r in t.rows]
+        laid.append(lay_out(f"table{t.number}", f"Table {t.number} ({t.scenario})", paper_table(t, runs), t.scenario,
+                            rows, tables, runs, protocol_text(runs, t.scenario, [m for _, m in rows])))
+    tiny = tiny_runs(runs)
+    laid.append(lay_out("tiny", "The tiny scenario (pixel similarity, attribute alignment: not SSCD/CLIP)",
+                        tiny_table(runs), "tiny", [(m, m) for m in tiny], tables, runs,
+                        protocol_text(runs, "tiny", sorted(p.name for p in (runs / "tiny").iterdir() if p.is_dir())
+                                      if (runs / "tiny").is_dir() else []), tiny=True))
     written = []
-    for name, (frame, title) in frames.items():
-        frame.to_csv(tables / f"{name}.csv", index=False)
-        protocol = f"\n{protocols[name]}" if protocols[name] else ""
-        (tables / f"{name}.md").write_text(f"## {title}\n\n{to_markdown(frame)}{protocol}")
-        written += [tables / f"{name}.csv", tables / f"{name}.md", write_table_report(tables, name, title, frame, protocols[name])]
+    for table in laid:
+        table.frame.to_csv(tables / f"{table.name}.csv", index=False)
+        (tables / f"{table.name}.md").write_text(markdown(table))
+        written += [tables / f"{table.name}.csv", tables / f"{table.name}.md"]
+        if table.cost is not None:
+            table.cost[0].to_csv(tables / f"{table.name}_cost.csv", index=False)
+            written.append(tables / f"{table.name}_cost.csv")
+        else:
+            (tables / f"{table.name}_cost.csv").unlink(missing_ok=True)
+        written += [tables / table.figure] if table.figure else []
+        written.append(write_table_report(tables, table.name, table.title, table_html(table), table.runs))
+    written.append(write_tables_index(tables, [(t.name, t.title, table_html(t), t.present > 0) for t in laid]))
     return written
+
+
+def table_html(laid: Laid) -> dict[str, Any]:
+    """The parts of a table's HTML: the displayed frame, notes, cost table and note, figure, protocol."""
+    return {"table": laid.shown, "notes": laid.notes, "cost": None if laid.cost is None else
+            (display(laid.cost[0]), laid.cost[1]), "figure": laid.figure, "protocol": laid.protocol}

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from PIL import Image
 
-from memguard.tables import tiny_table, to_markdown
+from memguard.tables import display, tiny_table, to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_ROWS = ("none", "stp_t300", "stp_t500", "dtp", "og_dtp", "uncond")
@@ -105,11 +105,11 @@ def main() -> None:
     d_curves(runs, out)
     sweep = transition_sweep(runs, out)
     grid(runs, out)
-    table = tiny_table(options.output_dir / "runs").drop(columns=["similarity by", "alignment by", "fid by"])
+    table = display(tiny_table(options.output_dir / "runs").drop(columns=["run"]))  # 3 digits [95% interval]
     by = json.loads((runs / "none" / "metrics.json").read_text())
     section = "\n".join([
         START,
-        to_markdown(table.round(4)),
+        to_markdown(table),
         f"Similarity: `{by['similarity']['embedder']}`, copy threshold {by['similarity']['copy_threshold']:.4f}; "
         f"alignment: `{by['alignment']['scorer']}`; FID-like: `{by['fid']['kind']}` ({by['fid']['features']}).",
         "",

@@ -42,6 +42,12 @@ def test_run_then_evaluate_with_pixel_similarity(tiny_model_dir: Path, tmp_path:
     assert sim["embedder"] == "pixel(size=32,pool=1)" and sim["references"] == 5
     assert sim["p95"] == pytest.approx(np.percentile(gens.similarity, 95))
     assert sim["frac_above_0.5"] == pytest.approx((gens.similarity > 0.5).mean())
+    for key in ("p95", "mean", "frac_above_0.5"):  # a bootstrap interval over the 2 prompts beside each
+        assert sim[f"{key}_lo"] <= sim[key] <= sim[f"{key}_hi"], key
+    assert sim["mean_lo"] < sim["mean_hi"] and "std_lo" not in sim
+    assert metrics["bootstrap"] == {"method": "percentile bootstrap over prompts", "level": 0.95, "resamples": 1000,
+                                    "seed": 0}
+    assert metrics["transition"]["fired_fraction_lo"] == 1.0  # the run's own fractions have them too
     assert json.loads((run_dir / "metrics.json").read_text())["n_images"] == 4  # the run's entries are kept
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 

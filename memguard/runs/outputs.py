@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.runs.folder import Record, atomic_write_text
 from memguard.runs.plots import plot_norms
 from memguard.runs.prompts import Prompts
@@ -13,19 +16,25 @@ from memguard.runs.report import write_grid, write_report
 
 
 def transition_summary(records: list[Record]) -> dict[str, Any]:
-    """How often, and at which step, positive guidance began: a schedule that never engages shows here."""
+    """How often, and at which step, positive guidance began: a schedule that never engages shows here. The
+    fractions and the mean step have bootstrap intervals over prompts (``_lo`` / ``_hi``, as the evaluation's)."""
     steps = [r.transition_step for r in records]
     fired = sorted(s for s in steps if s is not None)
     histogram: dict[str, int] = {}
     for s in fired:
         histogram[str(s)] = histogram.get(str(s), 0) + 1
-    return {
+    prompts = np.array([r.prompt_idx for r in records])
+    fired_flags = np.array([s is not None for s in steps], dtype=np.float64)
+    step_values = np.array([np.nan if s is None else s for s in steps], dtype=np.float64)
+    bounds = intervals(prompts, {"fired_fraction": (fired_flags, "mean"), "never_fired_fraction": (1 - fired_flags, "mean"),
+                                 "step_mean": (step_values, "mean")})
+    return with_intervals({
         "fired_fraction": len(fired) / len(records),
         "never_fired_fraction": 1 - len(fired) / len(records),
         "step_mean": sum(fired) / len(fired) if fired else None,
         "step_median": fired[len(fired) // 2] if fired else None,
         "step_histogram": histogram,
-    }
+    }, bounds)
 
 
 def transition_groups(records: list[Record], groups: list[str | None]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``memguard plot``: what the network predicts along the trajectory, as the paper's Figures 3, 9, 10 and 12.
+"""``memguard plot``: what the network predicts along the trajectory, as the paper's Figures 3, 9, 10 and 12; and
+the trade-off figure of ``memguard tables`` (:func:`plot_tradeoff`).
 
 Per run folder (a column) and prompt group (a row): the mean over images of ``||eps_c||_2``, ``||eps_u||_2``
 and ``||eps_c - eps_u||_2 = sqrt(d_t)`` per timestep (eps units for eps- and v-prediction models alike), log
@@ -8,6 +9,7 @@ images (first step with positive guidance) is a dashed line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -73,3 +75,96 @@ def plot_norms(run_dirs: list[Path], output: Path | None = None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def sweeps(names: list[str]) -> list[list[str]]:
+    """Runs of one mitigation that differ in one number of their name, each sweep ordered by that number:
+    ``stp_t300, stp_t500, stp_t700`` (STP's tau), ``wen_l1, wen_l3`` (Wen et al.'s target), ``interval_600_0,
+    interval_700_0``; where two numbers vary (``og_stp_t500_og2``, ``og_stp_t500_og4``, ``og_stp_t300_og2``), the
+    last one is the sweep's and the others pick its line."""
+    families: dict[str, list[tuple[tuple[float, ...], str]]] = {}
+    for name in dict.fromkeys(names):
+        numbers = tuple(float(n) for n in NUMBER.findall(name))
+        if numbers:
+            families.setdefault(NUMBER.sub("#", name), []).append((numbers, name))
+    lines = []
+    for members in families.values():
+        varying = [i for i in range(len(members[0][0])) if len({m[0][i] for m in members}) > 1]
+        if not varying:
+            continue
+        axis = varying[-1]
+        by_rest: dict[tuple[float, ...], list[tuple[tuple[float, ...], str]]] = {}
+        for numbers, name in members:
+            by_rest.setdefault(numbers[:axis] + numbers[axis + 1:], []).append((numbers, name))
+        lines += [[name for _, name in sorted(line, key=lambda m: m[0][axis])] for line in by_rest.values()
+                  if len(line) > 1]
+    return lines
+
+
+def plot_tradeoff(frame: pd.DataFrame, path: Path, title: str, copies: str, alignment: str, label: str,
+                  group: str | None, run: str, copies_label: str, alignment_label: str) -> list[dict] | None:
+    """Copies (``frame[copies]``) against alignment (``frame[alignment]``), one point per row (mitigation) with
+    its ``_lo`` / ``_hi`` intervals as error bars, one panel per prompt group (``frame[group]``); runs of one
+    sweep (:func:`sweeps` of the run names ``frame[run]``) joined by a line, ``none`` a black star. Written to
+    ``path`` (PNG); returns the points drawn (panel, label, run, x, y), or None (no figure) where no row has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if copies not in frame or alignment not in frame:
+        return None
+    rows = frame[frame[copies].notna() & frame[alignment].notna()]
+    if rows.empty:
+        return None
+    panels = list(dict.fromkeys(rows[group])) if group in rows else ["all"]
+    names = [str(r).rsplit("/", 1)[-1] for r in rows[run]]
+    labels = dict(zip(names, rows[label].astype(str)))
+    lines = sweeps(names)
+    families = list(dict.fromkeys([line[0] for line in lines] + [n for n in names if n != "none"
+                                                                  and not any(n in line for line in lines)]))
+    palette = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    colour = {"none": "black"} | {n: palette(i % palette.N) for i, n in enumerate(families)}
+    marker = {"none": "*"} | {n: "o" for n in families}
+    for line in lines:  # one colour per sweep, a marker per value
+        for k, n in enumerate(line):
+            colour[n], marker[n] = colour[line[0]], "os^Dv<>PXh"[k % 10]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.8, 3.7), sharey=True, squeeze=False)
+    points, handles = [], {}
+
+    def bar(r: pd.Series, column: str) -> list[list[float]]:
+        lo, hi = r.get(f"{column}_lo"), r.get(f"{column}_hi")
+        v = float(r[column])
+        return [[max(v - float(lo), 0.0) if pd.notna(lo) else 0.0], [max(float(hi) - v, 0.0) if pd.notna(hi) else 0.0]]
+
+    for ax, panel in zip(axes[0], panels):
+        here = rows[rows[group] == panel] if group in rows else rows
+        here_names = [str(r).rsplit("/", 1)[-1] for r in here[run]]
+        for line in sweeps(here_names):
+            ordered = here.set_index(pd.Index(here_names)).loc[line]
+            ax.plot(ordered[alignment], ordered[copies], "-", color=colour[line[0]], lw=1, alpha=0.7, zorder=1)
+        for (_, r), name in zip(here.iterrows(), here_names):
+            x, y = float(r[alignment]), float(r[copies])
+            handles[name] = ax.errorbar(x, y, xerr=bar(r, alignment), yerr=bar(r, copies), ls="none", elinewidth=0.7,
+                                        capsize=1.5, zorder=3 if name == "none" else 2, color=colour[name],
+                                        marker=marker[name], ms=10 if name == "none" else 5, alpha=0.9)
+            points.append({"panel": str(panel), "label": str(r[label]), "run": name, "x": x, "y": y})
+        ax.set_title(f"{group.lower()}: {panel}" if group in rows else "all prompts", fontsize=9)
+        ax.set_xlabel(alignment_label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(copies_label, fontsize=8)
+    members = {line[0]: line for line in lines}
+    order = [n for n in ["none", *(m for f in families for m in members.get(f, [f]))] if n in handles]
+    right = 1 - 1.8 / fig.get_figwidth()
+    fig.legend([handles[n] for n in order], [labels[n] for n in order], loc="center left",
+               bbox_to_anchor=(right + 0.005, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(f"{title}: copies (down is better) against alignment (right is better)\n"
+                 "bars: 95% bootstrap intervals over prompts; lines: sweeps of one mitigation", fontsize=8.5)
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return points

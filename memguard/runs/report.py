@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 from PIL import Image
 
+from memguard.runs.summary import interval_note, measured_with, run_summary, with_interval
+
+NUMBER_CELL = re.compile(r"^-?\d[\d.]* \[")
 # Figures of a run folder, in the order the report shows them: file, caption.
 FIGURES = (
     ("grid.png", "Generations: rows are prompts, columns their images by seed; first column the nearest reference image; "
@@ -110,9 +114,11 @@ def _metrics_rows(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _page(title: str, body: str) -> str:
-    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;font-size:12px}"
+    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1500px} table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left} img.thumb{width:48px;image-rendering:pixelated}"
-             "figure{margin:1em 0} figcaption{font-size:13px;color:#444}")
+             "figure{margin:1em 0} figcaption{font-size:13px;color:#444} ul.notes{font-size:13px;color:#333}"
+             "details{margin:1.5em 0} summary{cursor:pointer;font-weight:bold} p.note{font-size:13px;color:#333}"
+             "td.n{white-space:nowrap} figure img{max-width:100%} a.small{font-size:13px;font-weight:normal}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
@@ -130,43 +136,107 @@ def _table(frame: pd.DataFrame, image_columns: dict[str, str] | None = None) -> 
             elif column in image_columns:
                 src = html.escape(image_columns[column] + str(value))
                 cells.append(f"<td><a href='{src}'><img class='thumb' src='{src}' alt='{src}'></a></td>")
+            elif isinstance(value, str) and NUMBER_CELL.match(value):  # a number [and its interval]: kept on one line
+                cells.append(f"<td class='n'>{html.escape(value)}</td>")
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>\n" + "\n".join(body) + "</table>"
 
 
+def _group_counts(gens: pd.DataFrame | None) -> dict[str, tuple[int, int]]:
+    """``{group: (prompts, images)}`` and ``all`` from ``generations.csv``."""
+    if gens is None or "prompt_idx" not in gens:
+        return {}
+    counts = {"all": (gens.prompt_idx.nunique(), len(gens))}
+    if "group" in gens:
+        counts |= {str(g): (rows.prompt_idx.nunique(), len(rows)) for g, rows in gens.groupby("group", sort=False)}
+    return counts
+
+
+def summary_html(metrics: dict[str, Any], gens: pd.DataFrame | None = None) -> str:
+    """The headline of a run: per prompt group its copies, similarity p95, alignment and FID with their intervals,
+    then what each was measured with and how the intervals were computed, said once."""
+    rows = run_summary(metrics, _group_counts(gens))
+    if not any(len(row) > 2 for row in rows):
+        return "<p>Not evaluated: no similarity, alignment or FID in metrics.json (`memguard evaluate`).</p>"
+    notes = [*measured_with({"run": metrics}), interval_note(metrics)]
+    transition = metrics.get("transition") or {}
+    if transition.get("never_fired_fraction"):
+        notes.append("never switched to positive guidance: " + with_interval(
+            transition["never_fired_fraction"], transition.get("never_fired_fraction_lo"),
+            transition.get("never_fired_fraction_hi")) + " of the images")
+    return (_table(pd.DataFrame(rows).fillna("")) + "<ul class='notes'>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+
+
 def write_report(run_dir: Path) -> Path:
-    """``report.html`` of a run folder: its metrics, figures (those present) and the per-image table."""
+    """``report.html`` of a run folder: the summary (per group, with intervals), the figures (those present), the
+    per-image table, and the whole of ``metrics.json`` collapsed at the end."""
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    parts = ["<h2>Metrics</h2>", _table(pd.DataFrame(_metrics_rows(metrics), columns=["key", "value"]))]
-    parts.append("<h2>Figures</h2>")
+    gens_file = run_dir / "generations.csv"
+    gens = pd.read_csv(gens_file) if gens_file.is_file() else None
+    parts = ["<h2 id='summary'>Summary</h2>", summary_html(metrics, gens), "<h2>Figures</h2>"]
     for name, caption in FIGURES:
         if (run_dir / name).is_file():
             parts.append(f"<figure><a href='{name}'><img src='{name}' alt='{name}'></a>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    gens_file = run_dir / "generations.csv"
-    if gens_file.is_file():
-        gens = pd.read_csv(gens_file)
+    if gens is not None:
         gens.insert(0, "image", gens.file)
         parts += ["<h2>Images</h2>", _table(gens, {"image": ""})]
+    parts += ["<details id='metrics'><summary>metrics.json, every entry</summary>",
+              _table(pd.DataFrame(_metrics_rows(metrics), columns=["key", "value"])), "</details>"]
     title = f"memguard run {metrics.get('scenario', '')}/{metrics.get('mitigation', run_dir.name)}"
     path = run_dir / "report.html"
     path.write_text(_page(title, "\n".join(parts)), encoding="utf-8")
     return path
 
 
-def write_table_report(tables_dir: Path, name: str, title: str, frame: pd.DataFrame, protocol: str = "") -> Path:
-    """``tables/<name>.html``: the table, the protocol each run ran with, then each run's grid linked to its own
-    report (``../runs/<run>/``)."""
-    parts = [_table(frame)] + ([f"<pre>{html.escape(protocol)}</pre>"] if protocol else [])
-    runs = frame["run"].tolist() if "run" in frame else [f"tiny/{m}" for m in dict.fromkeys(frame.get("Mitigation", []))]
+def table_body(parts: dict[str, Any], prefix: str = "") -> str:
+    """A table of ``memguard tables`` in HTML: the table, the notes under it (what it was measured with, the
+    intervals), the cost table, the trade-off figure (``prefix`` + its file) and the protocol."""
+    body = [_table(parts["table"])]
+    if parts.get("notes"):
+        body.append("<ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in parts["notes"]) + "</ul>")
+    if parts.get("figure"):
+        src = html.escape(prefix + parts["figure"])
+        body.append(f"<figure><a href='{src}'><img src='{src}' alt='{src}'></a><figcaption>Copies against alignment, "
+                    "one point per mitigation and prompt group, 95% intervals as bars; sweeps joined</figcaption></figure>")
+    if parts.get("cost") is not None:
+        cost, note = parts["cost"]
+        body += [f"<h3>What each mitigation removes and costs</h3><p class='note'>{html.escape(note)}</p>", _table(cost)]
+    if parts.get("protocol"):
+        body.append(f"<details><summary>Protocol of each run</summary><pre>{html.escape(parts['protocol'])}</pre></details>")
+    return "\n".join(body)
+
+
+def write_table_report(tables_dir: Path, name: str, title: str, parts: dict[str, Any], runs: list[str]) -> Path:
+    """``tables/<name>.html``: the table (:func:`table_body`), then each run's grid linked to its own report
+    (``../runs/<run>/``)."""
+    body = [table_body(parts)]
     for run in dict.fromkeys(runs):
         folder = tables_dir.parent / "runs" / run
         if (folder / "grid.png").is_file():
-            parts.append(f"<figure><a href='../runs/{run}/report.html'><img src='../runs/{run}/grid.png' alt='{run}'></a>"
-                         f"<figcaption>{html.escape(run)}</figcaption></figure>")
+            body.append(f"<figure><a href='../runs/{run}/report.html'><img src='../runs/{run}/grid.png' alt='{run}'></a>"
+                        f"<figcaption>{html.escape(run)}</figcaption></figure>")
     path = tables_dir / f"{name}.html"
-    path.write_text(_page(title, "\n".join(parts)), encoding="utf-8")
+    path.write_text(_page(title, "\n".join(body)), encoding="utf-8")
+    return path
+
+
+def write_tables_index(tables_dir: Path, sections: list[tuple[str, str, dict[str, Any], bool]]) -> Path:
+    """``tables/report.html``: every table with its trade-off figure right under it, those with runs first, those
+    without (the paper's values and the commands that make each row) collapsed at the end. ``sections``:
+    (name, title, parts, has runs)."""
+    body = [f"<section id='{html.escape(name)}'><h2>{html.escape(title)} <a href='{html.escape(name)}.html' "
+            f"class='small'>(with each run's grid)</a></h2>{table_body(parts)}</section>"
+            for name, title, parts, present in sections if present]
+    missing = [(name, title, parts) for name, title, parts, present in sections if not present]
+    if missing:
+        body.append("<h2>Tables without runs yet</h2>")
+        body += [f"<details><summary>{html.escape(title)}</summary>{table_body(parts)}</details>"
+                 for name, title, parts in missing]
+    path = tables_dir / "report.html"
+    path.write_text(_page("memguard tables", "\n".join(body)), encoding="utf-8")
     return path
