@@ -58,11 +58,11 @@ class Item:
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
-    node = cfg.get("fetch") or {}
-    return {"workers": int(node.get("workers", 16)), "per_host": int(node.get("per_host", 4)),
-            "timeout": float(node.get("timeout", 30)), "retries": int(node.get("retries", 4)),
-            "backoff": float(node.get("backoff", 0.5)), "resize": node.get("resize"),
-            "retry_dead": bool(node.get("retry_dead", False))}
+    """The ``fetch`` node's download settings, typed (their defaults and meaning: conf/config.yaml)."""
+    node = cfg.fetch
+    return {"workers": int(node.workers), "per_host": int(node.per_host), "timeout": float(node.timeout),
+            "retries": int(node.retries), "backoff": float(node.backoff), "resize": node.resize,
+            "retry_dead": bool(node.retry_dead)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
