@@ -5,8 +5,9 @@ tables and figures)::
 
     config.yaml          the resolved config
     images/{prompt_idx:05d}_{seed}.png
-                         one PNG per generation (seed: the image's own, under seed_scheme; runs.prompts.Seeds); its "memguard" text chunk holds the prompt, seed and the
-                         per-step trajectory, so an image and its record are written in one atomic rename
+                         one PNG per generation (seed: the image's own, under seed_scheme; runs.prompts.Seeds);
+                         its "memguard" text chunk holds the prompt, seed and the per-step trajectory, so an
+                         image and its record are written in one atomic rename
     trajectories.csv     prompt_idx, seed, step, timestep, d, scale   (rebuilt from the PNGs)
     generations.csv      prompt_idx, prompt, seed, file, transition_step, transition_timestep
     metrics.json         the aggregate row: counts, transition statistics, timing
