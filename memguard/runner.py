@@ -41,8 +41,13 @@ from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
-from memguard.runs.outputs import (baseline_summary, transition_groups, transition_summary, write_figures,
-                                   write_tables)
+from memguard.runs.outputs import (
+    baseline_summary,
+    transition_groups,
+    transition_summary,
+    write_figures,
+    write_tables,
+)
 from memguard.runs.prompts import Prompts, load_prompts, load_seeds
 from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
 from memguard.runs.writer import ImageWriter
