@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from memguard.mitigations import Branches, DenoiserHook, NoiseAdjustment
 
 
 class PromptTransform:
@@ -189,7 +191,7 @@ class WenSharedEmbedding:
         return embedding.detach(), info
 
 
-class RenAttention:
+class RenAttention(DenoiserHook):
     """Ren et al. (ECCV 2024): in the cross-attention, scale the conditional branch's pre-softmax logits of the
     first (start) token by ``c1`` and mask the tokens after the prompt's end token:
 
@@ -212,8 +214,20 @@ class RenAttention:
             raise ValueError(f"mask_branches={mask_branches!r} must be both or conditional")
         self.c1, self.mask_trailing, self.mask_branches = c1, mask_trailing, mask_branches
 
+    families = ("sd", "sdxl")
+    blocks_branches = True  # its processors edit the conditional half of a [null, condition] batch
+
+    def installed(self, family, prompts: Sequence[str], branches: int) -> AbstractContextManager[None]:
+        """The :class:`memguard.mitigations.DenoiserHook` entry: the prompts' token counts from the family's
+        tokenizer, the padded length from its text encoder's."""
+        if branches != 2:
+            raise ValueError(f"Ren et al.'s attention edits a [null, condition] batch, not {branches} branches")
+        sequence = family.tokenizer.model_max_length
+        lengths = family.tokenizer(list(prompts), truncation=True, max_length=sequence, return_length=True).length
+        return self.installed_on(family.denoiser, torch.as_tensor(lengths, device=family.denoiser.device), sequence)
+
     @contextmanager
-    def installed(self, unet: torch.nn.Module, lengths: Tensor, sequence: int) -> Iterator[None]:
+    def installed_on(self, unet: torch.nn.Module, lengths: Tensor, sequence: int) -> Iterator[None]:
         """Every ``attn2`` processor of ``unet`` replaced while the block runs, the original ones restored after;
         ``lengths``: each prompt's token count through its end token, ``sequence``: the padded length."""
         original = unet.attn_processors
@@ -260,10 +274,15 @@ class _RenProcessor:
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
+SLOTS = ("prompt", "noise", "embedding", "branches", "attention")
+
+
 @dataclass
 class Baselines:
-    """A mitigation's non-schedule parts (``mitigation.prompt``, ``.embedding``, ``.attention``), each optional."""
+    """A mitigation's non-schedule parts, each optional: the slots of :mod:`memguard.mitigations`."""
 
     prompt: PromptTransform | None = None
+    noise: NoiseAdjustment | None = None
     embedding: WenEmbeddingOptimization | WenSharedEmbedding | None = None
-    attention: RenAttention | None = None
+    branches: Branches | None = None
+    attention: DenoiserHook | None = None

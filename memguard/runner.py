@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 import memguard
-from memguard.baselines import Baselines
+from memguard.baselines import SLOTS, Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
@@ -133,9 +133,10 @@ def generate(components: Family, scheduler: SchedulerMixin, schedule: GuidanceSc
             model_prompts = batch_prompts if transform is None else [
                 transform(prompts[idx], seed, components.tokenizer) for idx, seed in batch]
             images, traj = generate_images(components, scheduler, schedule, model_prompts,
-                                           [seed for _, seed in batch], steps, resolution, baselines.embedding,
-                                           baselines.attention, trajectory)
+                                           [seed for _, seed in batch], steps, resolution, baselines, trajectory,
+                                           batch_prompts)
             info = {k: v.cpu().tolist() for k, v in traj.info.items()}
+            before = info.get("unet_evals_before", [0] * len(batch))  # a slot's search or optimisation
             d, scale = traj.d.cpu().tolist(), traj.scale.cpu().tolist()
             norm_c, norm_u = traj.norm_c.cpu().tolist(), traj.norm_u.cpu().tolist()
             decisions = schedule.decisions(traj.d)
@@ -143,7 +144,7 @@ def generate(components: Family, scheduler: SchedulerMixin, schedule: GuidanceSc
                 record = Record(idx, batch_prompts[i], seed, traj.timesteps, d[i], scale[i],
                                 None if transform is None else model_prompts[i],
                                 {k: v[i] for k, v in info.items()} or None, norm_c[i], norm_u[i], decisions[i],
-                                traj.unet_evals)
+                                traj.unet_evals + int(before[i]))
                 records.append(record)
             writer.submit(images, [image_dir / r.file for r in records[-len(batch):]], records[-len(batch):])
             bar.update(len(batch))
@@ -175,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
-                             for key in ("prompt", "embedding", "attention") if cfg.mitigation.get(key) is not None})
+                             for key in SLOTS if cfg.mitigation.get(key) is not None})
     family.check_baselines(baselines, cfg.mitigation.name)
     if hasattr(baselines.embedding, "image_set"):  # a per-prompt embedding is shared by all the prompt's seeds
         baselines.embedding.image_set = seeds.image_set

@@ -23,7 +23,8 @@ from memguard.families import Conditions, Family, as_family, join
 from memguard.guidance import GuidanceSchedule
 
 if TYPE_CHECKING:
-    from memguard.baselines import RenAttention
+    from memguard.baselines import Baselines
+    from memguard.mitigations import Branches
 
 StepCallback = Callable[[dict[str, Tensor | int | float]], None]
 
@@ -57,7 +58,7 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: tor
 def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Conditions | Tensor,
            uncond: Conditions | Tensor, noise: Tensor, schedule: GuidanceSchedule, steps: int,
            callback: StepCallback | None = None, start: int = 0, prefix: Trajectory | None = None,
-           trajectory: str = "full") -> Trajectory:
+           trajectory: str = "full", branches: Branches | None = None, extra: Sequence[Conditions] = ()) -> Trajectory:
     """Classifier-free guided sampling, Eq. (4) of Jain et al. with a per-sample, per-step scale.
 
     ``model``: a family adapter (:mod:`memguard.families`); ``cond``/``uncond``: its conditions for the batch
@@ -77,6 +78,9 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
     schedule does not read ``d`` (``needs_d`` false) and its scale is exactly 0 (1) for every sample of the
     batch, only the unconditional (conditional) branch is evaluated, which is what ``eps_hat`` then equals;
     ``d`` and the other branch's norm are NaN at those steps (and the callback's other ``eps`` None).
+
+    ``branches`` (:class:`memguard.mitigations.Branches`) with its ``extra`` conditions: every step evaluates
+    ``[null, condition, *extra]`` in one call and steps with ``branches.combine`` (``trajectory`` is then full).
     """
     # 1. Timesteps and initial latents, as the pipeline prepares them
     model, cond, uncond = _adapter(model, scheduler, cond, uncond)
@@ -86,7 +90,8 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
     timesteps = scheduler.timesteps
     timestep_values = [float(t) for t in timesteps.cpu()]
     latents = noise * getattr(scheduler, "init_noise_sigma", 1.0) if start == 0 else noise  # flow: unit noise
-    embeddings = join(uncond, cond)
+    embeddings = join(uncond, cond, *extra)
+    n_branches = 2 + len(extra)
     d = torch.zeros(noise.shape[0], len(timesteps), dtype=torch.float32, device=device)
     # d_t is measured in eps units: eps = a_k out + b_k x_k, so eps_c - eps_u = a_k (out_c - out_u) (eps: a = 1;
     # v-prediction: a = sqrt(abar_t); rectified flow: a = 1 - sigma_t; see the family's eps_coefficients)
@@ -97,7 +102,7 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
                              (d_raw, prefix.d_raw)):
             mine[:, :start] = theirs[:, :start]
     scale_input = hasattr(scheduler, "scale_model_input")  # flow-matching schedulers take x as it is
-    skip, single = trajectory == "off" and not schedule.needs_d, 0  # single: steps with one branch evaluated
+    skip, single = trajectory == "off" and not schedule.needs_d and branches is None, 0  # single: steps with one branch evaluated
 
     # 2. Denoising loop: one model call on [x, x] with [null condition, condition]
     for k, t in enumerate(timesteps):
@@ -118,9 +123,9 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
                 latents = scheduler.step(eps, t, latents, return_dict=False)[0]
                 single += 1
                 continue
-        x_in = torch.cat([latents, latents])
+        x_in = torch.cat([latents] * n_branches)
         x_in = scheduler.scale_model_input(x_in, t) if scale_input else x_in
-        eps_u, eps_c = model(x_in, t, embeddings).chunk(2)
+        eps_u, eps_c, *others = model(x_in, t, embeddings).chunk(n_branches)
         guidance = eps_c - eps_u
         d_raw[:, k] = guidance.float().flatten(1).pow(2).sum(dim=1)
         d[:, k] = d_raw[:, k] * a[k] ** 2
@@ -128,14 +133,17 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
         norm_c[:, k] = _eps_norm(eps_c, x_t, a[k], b[k])
         norm_u[:, k] = _eps_norm(eps_u, x_t, a[k], b[k])
         scales[:, k] = schedule(k, timestep_values[k], d[:, : k + 1])
-        eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
+        if branches is None:
+            eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
+        else:
+            eps = branches.combine(eps_u, eps_c, others, scales[:, k], k)
         if callback is not None:
             callback({"step": k, "timestep": timestep_values[k], "x": latents, "eps_u": eps_u, "eps_c": eps_c,
                       "d": d[:, k], "d_raw": d_raw[:, k], "scale": scales[:, k]})
         latents = scheduler.step(eps, t, latents, return_dict=False)[0]
 
     return Trajectory(latents=latents, timesteps=timestep_values, d=d, scale=scales, norm_c=norm_c, norm_u=norm_u,
-                      d_raw=d_raw, unet_evals=2 * (len(timesteps) - start) - single)
+                      d_raw=d_raw, unet_evals=n_branches * (len(timesteps) - start) - single)
 
 
 def _eps_norm(output: Tensor, x: Tensor, a: float, b: float) -> Tensor:
@@ -180,9 +188,6 @@ def decode(model: Family | Components, latents: Tensor) -> Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-EmbeddingAdjustment = Callable[..., tuple[Conditions, dict[str, Tensor]]]
-
-
 def prepare_batch(family: Family, prompts: Sequence[str], seeds: Sequence[int],
                   resolution: int | None = None) -> tuple[Conditions, Conditions, Tensor]:
     """One batch's conditions, null conditions and per-seed unit noise (:func:`initial_noise`) on the denoiser's
@@ -202,40 +207,52 @@ def prepare_batch(family: Family, prompts: Sequence[str], seeds: Sequence[int],
 
 def generate_images(model: Family | Components, scheduler: SchedulerMixin, schedule: GuidanceSchedule,
                     prompts: Sequence[str], seeds: Sequence[int], steps: int, resolution: int | None = None,
-                    adjust: EmbeddingAdjustment | None = None,
-                    attention: RenAttention | None = None, trajectory: str = "full") -> tuple[Tensor, Trajectory]:
+                    baselines: Baselines | None = None, trajectory: str = "full",
+                    original: Sequence[str] | None = None) -> tuple[Tensor, Trajectory]:
     """One batch from prompts to images: encode the prompts and the null condition, draw per-seed noise, sample,
     decode. ``model``: a family adapter (:mod:`memguard.families`; SD components are the sd family). Returns
     images ``(B, 3, H, W)`` in ``[0, 1]`` and the trajectory. ``resolution`` defaults to the model's own
-    (denoiser sample size times the VAE factor). ``adjust(model, x_in, t, cond, uncond)`` (a baseline such as Wen
-    et al.'s) may replace the prompt's conditions, seeing the first step's scaled model input; it also gets
-    ``prompts``, ``seeds`` and ``model_input(seeds)`` (any seeds' first scaled input, for image sets).
-    ``attention`` (Ren et al.'s :class:`~memguard.baselines.RenAttention`) replaces the UNet's cross-attention
-    processors for this batch. ``trajectory``: see :func:`sample` (``off`` skips nothing under ``attention``,
-    whose processors edit the conditional half of a two-branch batch)."""
+    (denoiser sample size times the VAE factor). ``prompts``: the texts the model is given; ``original``: the
+    images' own prompts where a ``mitigation.prompt`` rewrote them (default: ``prompts``).
+
+    ``baselines``: a mitigation's slots (:mod:`memguard.mitigations`), each called here at its one place, in this
+    order: ``noise`` adjusts x_T; ``embedding`` (Wen et al.'s) replaces the prompt's conditions, seeing the first
+    step's scaled model input (``adjust(model, x_in, t, cond, uncond, prompts=, seeds=, model_input=)``, where
+    ``model_input(seeds)`` is any seeds' first input, for image sets); ``branches`` adds conditions the loop
+    evaluates and combines; ``attention`` hooks the denoiser's modules while the batch is sampled. ``trajectory``:
+    see :func:`sample` (a hook or extra branches make it ``full``). The slots' per-image ``info`` is the
+    trajectory's ``info``."""
+    from memguard.baselines import Baselines
+    from memguard.mitigations import Start
+
+    baselines = baselines or Baselines()
     family = as_family(model)
     cond, uncond, noise = prepare_batch(family, prompts, seeds, resolution)
     info: dict[str, Tensor] = {}
-    if adjust is not None:
+    if baselines.noise is not None or baselines.embedding is not None:
         scheduler.set_timesteps(steps, device=noise.device)
         t = scheduler.timesteps[0]
-
-        def first_input(x: Tensor) -> Tensor:  # unit noise as the first step's scaled model input
-            x = x * getattr(scheduler, "init_noise_sigma", 1.0)
-            return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-
+        a, b = family.eps_coefficients(scheduler)
+        start = Start(scheduler, t, float(getattr(scheduler, "init_noise_sigma", 1.0)), a[0], b[0])
+    if baselines.noise is not None:
+        latents, info = baselines.noise(family, noise * start.sigma, start, cond, uncond, prompts=list(prompts),
+                                        seeds=list(seeds))
+        noise = (latents / start.sigma).to(noise.dtype)
+    if baselines.embedding is not None:
         def model_input(set_seeds: Sequence[int]) -> Tensor:  # an image set's first input, drawn as ``noise``
-            return first_input(initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype))
+            unit = initial_noise(set_seeds, tuple(noise.shape[1:]), noise.device, noise.dtype)
+            return start.model_input(unit * start.sigma)
 
-        cond, info = adjust(family, first_input(noise), t, cond, uncond, prompts=list(prompts), seeds=list(seeds),
-                            model_input=model_input)
-    installed = nullcontext()
-    if attention is not None:
-        tokens = cond["encoder_hidden_states"].shape[1]
-        lengths = family.tokenizer(list(prompts), truncation=True, max_length=tokens, return_length=True).length
-        installed = attention.installed(family.denoiser, torch.as_tensor(lengths, device=noise.device), tokens)
+        cond, adjusted = baselines.embedding(family, start.model_input(noise * start.sigma), start.t, cond, uncond,
+                                             prompts=list(prompts), seeds=list(seeds), model_input=model_input)
+        info.update(adjusted)
+    extra = [] if baselines.branches is None else baselines.branches.conditions(
+        family, list(original or prompts), resolution or family.default_resolution)
+    installed = nullcontext() if baselines.attention is None else \
+        baselines.attention.installed(family, list(prompts), 2 + len(extra))
     with installed:
         trajectory = sample(family, scheduler, cond, uncond, noise, schedule, steps,
-                            trajectory=trajectory if attention is None else "full")
+                            trajectory=trajectory if baselines.attention is None else "full",
+                            branches=baselines.branches, extra=extra)
     trajectory.info = info
     return decode(family, trajectory.latents), trajectory

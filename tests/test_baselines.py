@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from memguard.baselines import RandomTokens, RenAttention
+from memguard.baselines import Baselines, RandomTokens, RenAttention
 from memguard.components import clip_tokenizer
 from memguard.runner import run
 from tests.test_run import config
@@ -104,7 +104,7 @@ def _step0(components, attention) -> dict:
         sample(unet, components.scheduler, cond, uncond, noise, Constant(7.5), 1, grab)
     else:
         lengths = torch.tensor(components.tokenizer(prompts, return_length=True).length)
-        with attention.installed(unet, lengths, 77):
+        with attention.installed_on(unet, lengths, 77):
             sample(unet, components.scheduler, cond, uncond, noise, Constant(7.5), 1, grab)
     return seen
 
@@ -146,7 +146,7 @@ def test_ren_masks_both_branches_like_a_reference_written_from_the_description(t
     context = torch.randn(4, 77, attn.to_k.in_features, generator=generator)
     lengths = [3, 5]
     with torch.no_grad():
-        with RenAttention(c1=1.25).installed(unet, torch.tensor(lengths), 77):
+        with RenAttention(c1=1.25).installed_on(unet, torch.tensor(lengths), 77):
             ours = attn(hidden, encoder_hidden_states=context)
         want = _ren_reference(attn, hidden, context, lengths, 1.25)
     assert torch.allclose(ours, want, atol=1e-5)
@@ -163,7 +163,7 @@ def test_ren_run_and_generate_restore_the_processors(tiny_components, tiny_model
 
     before = {k: type(v) for k, v in tiny_components.unet.attn_processors.items()}
     images, _ = generate_images(tiny_components, tiny_components.scheduler, Constant(7.5), ["a cat"], [0], 2,
-                                attention=RenAttention())
+                                baselines=Baselines(attention=RenAttention()))
     assert {k: type(v) for k, v in tiny_components.unet.attn_processors.items()} == before
     run(config(tiny_model_dir, tmp_path / "ren", "mitigation=ren"))
     assert json.loads((tmp_path / "ren" / "metrics.json").read_text())["mitigation"] == "ren"

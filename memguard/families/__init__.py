@@ -51,9 +51,10 @@ FAMILIES = {"sd": ("memguard.families.sd", "SD"), "sdxl": ("memguard.families.sd
             "sd3": ("memguard.families.sd3", "SD3"), "dit": ("memguard.families.dit", "DiT")}
 
 
-def join(uncond: Conditions, cond: Conditions) -> Conditions:
-    """The batch ``[null, condition]`` for one denoiser call on ``[x, x]`` (null first, as diffusers' pipelines)."""
-    return {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+def join(uncond: Conditions, cond: Conditions, *extra: Conditions) -> Conditions:
+    """The batch ``[null, condition]`` for one denoiser call on ``[x, x]`` (null first, as diffusers' pipelines),
+    followed by any ``extra`` branches' conditions (:class:`memguard.mitigations.Branches`)."""
+    return {key: torch.cat([uncond[key], cond[key], *(e[key] for e in extra)]) for key in cond}
 
 
 class Family:
@@ -152,7 +153,16 @@ class Family:
         if baselines.attention is not None and not cls.cross_attention:
             raise UserError(f"mitigation={mitigation} edits the denoiser's text cross-attention "
                             f"(mitigation.attention), which a {cls.name} model does not have ({'joint attention' if cls.text else 'no text'}); "
-                            "Ren et al.'s baseline runs on the sd and sdxl families")
+                            f"it runs on the {' and '.join(baselines.attention.families or ('sd', 'sdxl'))} families")
+        for key in vars(baselines):
+            served = getattr(getattr(baselines, key), "families", None)
+            if served is not None and cls.name not in served:
+                raise UserError(f"mitigation={mitigation}: mitigation.{key} serves the {', '.join(served)} "
+                                f"famil{'ies' if len(served) > 1 else 'y'}, not {cls.name}; choose another mitigation")
+        hook = baselines.attention
+        if getattr(hook, "blocks_branches", False) and baselines.branches is not None:
+            raise UserError(f"mitigation={mitigation}: mitigation.attention edits a two-branch batch and cannot be "
+                            "combined with mitigation.branches; drop one of them")
 
     # -- the family's diffusers pipeline, random and saved folders ------------------------------------------------
     def pipeline(self, scheduler: SchedulerMixin | None = None) -> Any:
