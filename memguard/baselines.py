@@ -37,19 +37,28 @@ class RandomTokens(PromptTransform):
     SonyResearch/mitigating_memorization ``generate_test_dataset_stp.py`` line 204 (``repeat_num=4``) and
     YuxinWenRick/diffusion_memorization ``README.md`` line 67 (``--repeat_num 4``). The 2 found in
     ``prompt_augmentation``'s signature (DCR ``sd_mitigation.py`` line 14) is the training-time augmentation's
-    default. The draws are deterministic per (prompt, image seed, ``salt``), so a run
-    resumes identically and does not depend on batch size.
+    default.
+
+    ``per="image"``: the draws are deterministic per (prompt, image seed, ``salt``): each image of a prompt gets its
+    own augmented prompt. ``per="prompt"``: per (prompt, ``salt``), one augmented prompt for all the prompt's images,
+    as Wen et al.'s code draws it (YuxinWenRick/diffusion_memorization ``inference_mem.py``, commit c8fe471,
+    l. 80-86: ``prompt_augmentation`` once per prompt, then l. 113-118 one pipeline call with
+    ``num_images_per_prompt``). Either way a run resumes identically and does not depend on batch size.
     """
 
-    def __init__(self, kind: str, count: int = 4, salt: int = 0) -> None:
+    def __init__(self, kind: str, count: int = 4, salt: int = 0, per: str = "image") -> None:
         if kind not in ("word", "number"):
             raise ValueError(f"kind={kind!r} must be word or number")
         if count < 1:
             raise ValueError(f"count={count} must be >= 1")
-        self.kind, self.count, self.salt = kind, count, salt
+        if per not in ("image", "prompt"):
+            raise ValueError(f"per={per!r} must be image (a draw per image) or prompt (one per prompt, as Wen et "
+                             "al.'s code)")
+        self.kind, self.count, self.salt, self.per = kind, count, salt, per
 
     def __call__(self, prompt: str, seed: int, tokenizer: PreTrainedTokenizerBase) -> str:
-        rng = random.Random(f"{self.kind}|{self.salt}|{seed}|{prompt}")
+        key = f"{self.kind}|{self.salt}|{seed}|{prompt}" if self.per == "image" else f"{self.kind}|{self.salt}|{prompt}"
+        rng = random.Random(key)
         words = prompt.split(" ")
         for _ in range(self.count):
             item = tokenizer.decode([rng.randrange(49400)]) if self.kind == "word" else str(rng.randrange(100000))
@@ -272,9 +281,6 @@ class _RenProcessor:
         probs = logits.softmax(dim=-1).view(batch * heads, query.shape[1], -1).to(value.dtype)
         out = attn.batch_to_head_dim(probs @ value)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
-
-
-SLOTS = ("prompt", "noise", "embedding", "branches", "attention")
 
 
 @dataclass

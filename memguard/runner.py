@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 import memguard
-from memguard.baselines import SLOTS, Baselines
+from memguard.baselines import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
@@ -40,6 +40,8 @@ from memguard.families import Family, family_class, load_family
 from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.metrics.bootstrap import intervals, with_intervals
+from memguard.mitigations import SLOTS
+from memguard.protocol import apply_protocol
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import (
     baseline_summary,
@@ -171,8 +173,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = shard.device(resolve_device(cfg.device))
     check_gpu_settings(cfg, device)
     family = family_class(cfg.model.path, cfg.model.get("family"))
+    model_scheduler = load_scheduler(cfg.model.path)
     resolve_sampler(cfg, family)
-    scheduler = build_scheduler(cfg, load_scheduler(cfg.model.path))
+    apply_protocol(cfg, model_scheduler.config.get("prediction_type") == "v_prediction")  # +protocol=authors
+    scheduler = build_scheduler(cfg, model_scheduler)
     family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")

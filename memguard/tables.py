@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from memguard.metrics.bootstrap import Above, Percentile, difference_interval
+from memguard.mitigations import SLOTS
 from memguard.runs.plots import plot_tradeoff
 from memguard.runs.report import write_table_report, write_tables_index
 from memguard.runs.summary import (
@@ -347,9 +348,11 @@ def run_protocol(run_dir: Path) -> str | None:
     if draw:
         parts.append(f"prompts drawn: {draw.get('count')} (seed {draw.get('seed')}, "
                      f"{'with' if draw.get('replace', True) else 'without'} replacement)")
-    parts.append(f"{get('sampler', 'name')} {get('sampler', 'steps')} steps, scale {get('guidance', 'scale')}")
+    parts.append(f"{get('sampler', 'name')} {get('sampler', 'steps')} steps, scale {get('guidance', 'scale')}"
+                 + (f", {get('dtype')}" if get("dtype") not in (None, "float32") else "")
+                 + (f" (protocol {get('protocol', 'name')})" if get("protocol", "name") else ""))
     mitigation = get("mitigation") or {}
-    for key in ("prompt", "embedding", "attention"):
+    for key in SLOTS:
         spec = mitigation.get(key)
         if spec:
             args = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "_target_")

@@ -68,3 +68,75 @@ def test_baseline_defaults_are_the_ones_docs_protocol_lists() -> None:
         per_image = mitigation(f"wen_l{level}_per_image")
         assert per_image.embedding._target_ == "memguard.baselines.WenEmbeddingOptimization"
         assert per_image.embedding.lr == 0.05 and per_image.embedding.max_iters == 10
+
+
+# mitigation.prompt.per: random tokens drawn per image, or once per prompt as Wen et al.'s code
+
+def test_random_tokens_per_prompt_give_all_a_prompts_images_one_augmented_prompt(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    run(config(tiny_model_dir, tmp_path / "prompt", "mitigation=rand_word", "random_tokens_per=prompt",
+               "images_per_prompt=3", "sampler.steps=2"))
+    per_prompt = pd.read_csv(tmp_path / "prompt" / "generations.csv")
+    assert (per_prompt.groupby("prompt_idx").model_prompt.nunique() == 1).all()
+    assert (per_prompt.model_prompt != per_prompt.prompt).all()
+    run(config(tiny_model_dir, tmp_path / "image", "mitigation=rand_word", "images_per_prompt=3", "sampler.steps=2"))
+    per_image = pd.read_csv(tmp_path / "image" / "generations.csv")
+    assert (per_image.groupby("prompt_idx").model_prompt.nunique() == 3).all()  # the default: a draw per image
+    with pytest.raises(UserError, match=r"mitigation.prompt.*per='seed' must be image"):
+        run(config(tiny_model_dir, tmp_path / "bad", "mitigation=rand_word", "mitigation.prompt.per=seed"))
+
+
+def test_each_scenario_draws_random_tokens_as_the_code_behind_its_table() -> None:
+    from tests.test_configs import compose_config
+
+    for scenario, per in (("wen_dup200", "prompt"), ("webster500", "prompt"), ("laion10k", "image"), ("tiny", "image")):
+        assert compose_config([f"scenario={scenario}", "mitigation=rand_numb"]).mitigation.prompt.per == per, scenario
+
+
+def test_a_rand_word_folder_written_before_per_existed_resumes_as_per_image(tiny_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    run(config(tiny_model_dir, tmp_path, "mitigation=rand_word", "sampler.steps=2"))
+    saved = tmp_path / "config.yaml"
+    old = [line for line in saved.read_text().splitlines() if line.strip() not in ("per: image", "random_tokens_per: image")]
+    saved.write_text("\n".join(old) + "\n")
+    assert "per: image" not in saved.read_text()
+    run(config(tiny_model_dir, tmp_path, "mitigation=rand_word", "sampler.steps=2"))  # resumes: nothing differs
+    with pytest.raises(UserError, match=r"mitigation.prompt.per: 'image' -> 'prompt'"):
+        run(config(tiny_model_dir, tmp_path, "mitigation=rand_word", "sampler.steps=2", "random_tokens_per=prompt"))
+
+
+# +protocol=authors: each baseline under its authors' sampler and dtype
+
+def test_protocol_authors_runs_a_baseline_under_its_authors_sampler_and_dtype(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from tests.test_configs import compose_config
+
+    cfg = compose_config(["+protocol=authors", "mitigation=wen_l1", "scenario=wen_dup200"])
+    assert cfg.run_name == "wen_dup200/wen_l1@authors" and cfg.protocol.mitigations.ren.dtype == "float16"
+    run(config(tiny_model_dir, tmp_path / "wen", "+protocol=authors", "mitigation=wen_l1_per_image",
+               "mitigation.embedding.max_iters=1", "sampler.steps=3"))
+    saved = OmegaConf.load(tmp_path / "wen" / "config.yaml")
+    assert saved.sampler.name == "ddim" and saved.dtype == "bfloat16" and saved.sampler.steps == 3
+    from memguard.tables import run_protocol
+
+    assert "ddim 3 steps, scale 7.5, bfloat16 (protocol authors)" in run_protocol(tmp_path / "wen")
+    run(config(tiny_model_dir, tmp_path / "dtp", "+protocol=authors", "mitigation=dtp", "sampler.steps=3"))
+    kept = OmegaConf.load(tmp_path / "dtp" / "config.yaml")  # not a baseline: the paper's protocol
+    assert kept.sampler.name == "dpm" and kept.dtype == "float32"
+
+
+def test_protocol_authors_gives_ren_euler_on_a_v_prediction_model() -> None:
+    from omegaconf import open_dict
+
+    from memguard.protocol import apply_protocol
+    from tests.test_configs import compose_config
+
+    for v, sampler in ((False, "ddim"), (True, "euler")):
+        cfg = compose_config(["+protocol=authors", "mitigation=ren", "sampler=dpm"])
+        apply_protocol(cfg, v_prediction=v)
+        assert (cfg.sampler.name, cfg.dtype, cfg.sampler.steps) == (sampler, "float16", 50)
+    cfg = compose_config(["+protocol=authors", "mitigation=ren", "sampler=dpm"])
+    with open_dict(cfg):
+        cfg.protocol.mitigations.ren.sampler = "heun"
+    with pytest.raises(UserError, match=r"protocol.mitigations.ren.sampler=heun is not a sampler"):
+        apply_protocol(cfg, v_prediction=False)

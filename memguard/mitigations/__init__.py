@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 Family = Any  # a family adapter, memguard.families.Family
 Conditions = dict[str, Tensor]  # memguard.families.Conditions: the denoiser's keyword arguments, batch-first
 Info = dict[str, Tensor]  # per-image side results, each (B,)
+SLOTS = ("prompt", "noise", "embedding", "branches", "attention")  # mitigation.<slot>, in the order they act
 
 
 @dataclass

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 # (Not ``shard``: shards are by pair, so a folder may be finished with another shard count.)
 GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "resolution", "dtype", "vae_dtype",
                    "seed_scheme")
-# What a folder written before a key existed was made with: the key's default then.
-FORMER_DEFAULTS = {"seed_scheme": "shared"}
+# What a folder written before a key existed was made with: the key's default then (a dotted key: where its
+# parent node is there, e.g. a prompt baseline's draw).
+FORMER_DEFAULTS = {"seed_scheme": "shared", "mitigation.prompt.per": "image"}
 PNG_KEY = "memguard"
 
 
@@ -76,12 +77,24 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def with_former_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with each dotted :data:`FORMER_DEFAULTS` key filled in where its parent node exists."""
+    for dotted, value in FORMER_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        node = settings
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if parents and isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return settings
+
+
 def check_folder(cfg: DictConfig, run_dir: Path) -> None:
     """Check that an existing run folder was made with the same generation settings as ``cfg``."""
     config_file = run_dir / "config.yaml"
     if config_file.exists():
         saved = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
-        old = {key: saved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS}
+        old = with_former_defaults({key: saved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS})
         diffs = differences(old, generation_settings(cfg))
         if diffs:
             raise UserError(
