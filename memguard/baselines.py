@@ -107,7 +107,8 @@ class WenEmbeddingOptimization:
             if k == self.max_iters or not active.any():
                 break
             optimizer.zero_grad(set_to_none=True)
-            (norms * active).sum().backward()
+            with torch.enable_grad():  # also when the caller samples under torch.no_grad()
+                (norms * active).sum().backward()
             embedding.grad[:, 0] = 0  # the start token is not optimised (as WenSharedEmbedding)
             frozen = embedding.detach().clone()
             optimizer.step()

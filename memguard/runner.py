@@ -93,6 +93,14 @@ def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedul
     return schedule
 
 
+def build_baselines(cfg: DictConfig, family: type[Family]) -> Baselines:
+    """Instantiate the mitigation's slots (:data:`memguard.mitigations.SLOTS`) and refuse those the family lacks."""
+    baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
+                             for key in SLOTS if cfg.mitigation.get(key) is not None})
+    family.check_baselines(baselines, cfg.mitigation.name)
+    return baselines
+
+
 def resolve_sampler(cfg: DictConfig, family: type[Family]) -> None:
     """``sampler=auto``: ``cfg.sampler`` becomes the family's own sampler (``conf/sampler/<family.sampler>.yaml``:
     DPM-Solver++ for eps and v models, flow-matching Euler for flow models) with the run's ``steps`` and any
@@ -179,9 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scheduler = build_scheduler(cfg, model_scheduler)
     family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
-    baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
-                             for key in SLOTS if cfg.mitigation.get(key) is not None})
-    family.check_baselines(baselines, cfg.mitigation.name)
+    baselines = build_baselines(cfg, family)
     if hasattr(baselines.embedding, "image_set"):  # a per-prompt embedding is shared by all the prompt's seeds
         baselines.embedding.image_set = seeds.image_set
     if cfg.threads:

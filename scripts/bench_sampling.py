@@ -1,7 +1,9 @@
 """Sampling throughput, measured side by side in one run.
 
 Prints images/s and UNet evaluations per image of memguard's loop under `none`, `dtp`, `og_dtp` and `stp`
-(tau 500; ratios to `none`: the cost of a schedule), of `stp` and `uncond` with trajectory=off vs full (the
+(tau 500; ratios to `none`: the cost of a schedule), of every mitigation named by `--mitigations` as its
+`conf/mitigation/NAME.yaml` builds it (slots included: a noise search or an embedding optimisation counts in its
+time and its UNet evaluations), of `stp` and `uncond` with trajectory=off vs full (the
 branch a scale of 0 or 1 leaves unused is skipped), and of memguard `none` vs diffusers'
 StableDiffusionPipeline on the same components, prompts, seeds and scheduler (DPM-Solver++; ratio memguard /
 diffusers). Each timed call generates a whole batch: text encoding, sampling, VAE decoding. Methods are
@@ -11,6 +13,7 @@ counted by a hook on the UNet (samples per call, summed), so both pipelines are 
     python scripts/bench_sampling.py                         # tiny random components on the CPU, 50 steps
     python scripts/bench_sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
     python scripts/bench_sampling.py --family sdxl           # another family's tiny random model vs its pipeline
+    python scripts/bench_sampling.py --mitigations han,sail --rounds 3   # only these mitigations beside none
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import memguard  # noqa: F401  (import order: makes the torch stack importable)
 from memguard.components import random_components, sd15_sized_random_components
 from memguard.families import Family, as_family, random_family
 from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule, StaticTransition
+from memguard.baselines import Baselines
 from memguard.sampling import generate_images
+
+MITIGATIONS = "han,han_per_sample,sail,prss,wen_l1_per_image,rand_word,ren"  # by their YAMLs (--mitigations)
 
 PROMPTS = ["a red circle on a blue background", "a photo of an astronaut riding a horse", "a green square",
            "an oil painting of a harbour at dusk"]
@@ -40,8 +46,33 @@ def sampler(family: Family):
 
 
 def memguard_generate(c: Family, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
-                      steps: int, trajectory: str = "full") -> torch.Tensor:
-    return generate_images(c, sampler(c), schedule, prompts, seeds, steps, trajectory=trajectory)[0]
+                      steps: int, trajectory: str = "full", baselines: Baselines | None = None) -> torch.Tensor:
+    if baselines is not None and baselines.prompt is not None:
+        prompts = [baselines.prompt(p, s, c.tokenizer) for p, s in zip(prompts, seeds)]
+    return generate_images(c, sampler(c), schedule, prompts, seeds, steps, baselines=baselines,
+                           trajectory=trajectory)[0]
+
+
+def mitigation(name: str, family: Family, overrides: list[str]) -> tuple[GuidanceSchedule, Baselines] | None:
+    """``conf/mitigation/NAME.yaml``'s schedule and slots as a run builds them (None, with a line saying why, where
+    the family cannot take it or it needs an input the bench does not have)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from memguard.cli import CONF_DIR
+    from memguard.errors import UserError
+    from memguard.runner import build_baselines, build_schedule
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"mitigation={name}", *overrides])
+    GlobalHydra.instance().clear()
+    try:
+        return (build_schedule(cfg, family.scheduler.config.num_train_timesteps),
+                build_baselines(cfg, type(family)))
+    except UserError as err:
+        print(f"  (skipped {name}: {err})")
+        return None
 
 
 def main() -> None:
@@ -54,6 +85,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on 2 shared cores)")
+    parser.add_argument("--mitigations", default=MITIGATIONS, help="comma-separated conf/mitigation names beside the "
+                        "schedules ('' for none)")
+    parser.add_argument("--override", action="append", default=[], help="a config override for --mitigations, "
+                        "e.g. mitigation.attention.neurons=FILE (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -89,6 +124,11 @@ def main() -> None:
         "memguard uncond off": mg(Constant(0.0), "off"),
         "diffusers pipeline": diffusers_generate,
     }
+    for name in filter(None, args.mitigations.split(",")):
+        built = mitigation(name, components, args.override)
+        if built is not None:
+            methods[f"memguard {name}"] = lambda built=built: memguard_generate(components, built[0], prompts, seeds,
+                                                                                args.steps, baselines=built[1])
     evaluations = {name: 0 for name in methods}
     current = [""]
 
@@ -118,7 +158,7 @@ def main() -> None:
           f"batch={args.batch} steps={args.steps} rounds={args.rounds} threads={args.threads}")
     for name, value in rate.items():
         spread = (min(seconds[name]), max(seconds[name]))
-        print(f"  {name:20s} {value:8.3f} images/s  {per_image[name]:6.1f} UNet evals/image   (per call: median "
+        print(f"  {name:28s} {value:8.3f} images/s  {per_image[name]:6.1f} UNet evals/image   (per call: median "
               f"{args.batch / value:.3f} s, min {spread[0]:.3f} s, max {spread[1]:.3f} s)")
     best = {name: args.batch / min(times) for name, times in seconds.items()}
     print("ratios                                  images/s median   best   wall time   UNet evals")
@@ -128,7 +168,9 @@ def main() -> None:
                         ("stp / none", "memguard stp", "memguard none"),
                         ("stp trajectory=off / none", "memguard stp off", "memguard none"),
                         ("stp trajectory=off / full", "memguard stp off", "memguard stp"),
-                        ("uncond trajectory=off / full", "memguard uncond off", "memguard uncond")):
+                        ("uncond trajectory=off / full", "memguard uncond off", "memguard uncond"),
+                        *((f"{n.removeprefix('memguard ')} / none", n, "memguard none") for n in methods
+                          if n.removeprefix("memguard ") in args.mitigations.split(","))):
         print(f"  {label:36s} {rate[a] / rate[b]:15.3f} {best[a] / best[b]:7.3f} {rate[b] / rate[a]:11.3f} "
               f"{per_image[a] / per_image[b]:12.3f}")
 
