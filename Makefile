@@ -5,12 +5,12 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model clean
+.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model docs docs-serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned), build the random demo model
+install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned; tests, docs), build the random demo model
 
 $(MG): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -69,7 +69,7 @@ tiny-table: $(MG)  ## every schedule and baseline on the embedded tiny model (CP
 	$(MG) tables
 
 TAUS := 900,800,700,600,500,400,300,200,100
-tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures and the README's report
+tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures and docs/tiny.md's report
 	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS) images_per_prompt=16
 	$(MG) tables
 	$(PY) scripts/tiny_report.py
@@ -84,5 +84,12 @@ tiny-ft-model: $(MG)  ## the two-stage tiny model: pre-train (train=pretrain), t
 bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
 	$(PY) scripts/bench_sampling.py
 
-clean:  ## remove the virtual environment and the random demo model (keeps outputs/)
-	rm -rf $(VENV) $(RANDOM_MODEL)
+# the documentation site (mkdocs.yml; docs/*.md, the configuration reference generated from conf/ at each build)
+docs: $(MG)  ## build the documentation site into site/ (strict: a broken link fails); open site/index.html
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: $(MG)  ## serve the documentation on http://127.0.0.1:8000, rebuilt as docs/ or conf/ change
+	$(PY) -m mkdocs serve
+
+clean:  ## remove the virtual environment, the random demo model and the built site (keeps outputs/)
+	rm -rf $(VENV) $(RANDOM_MODEL) site

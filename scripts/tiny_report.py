@@ -1,4 +1,4 @@
-"""The tiny scenario's report: figures under docs/tiny/ and the README section between its markers.
+"""The tiny scenario's report: figures under docs/tiny/ and the section of docs/tiny.md between its markers.
 
 Reads the run folders that `make tiny-report` makes (outputs/runs/tiny/<mitigation>/) and writes
 
@@ -6,7 +6,7 @@ Reads the run folders that `make tiny-report` makes (outputs/runs/tiny/<mitigati
     docs/tiny/transition_sweep.png CFG from a static transition point tau on: copy fraction and alignment
     docs/tiny/grid.png             the trigger captions under each mitigation (rows) and seeds (columns)
 
-and replaces the README's text between "<!-- tiny-report:start -->" and "<!-- tiny-report:end -->" with the
+and replaces docs/tiny.md's text between "<!-- tiny-report:start -->" and "<!-- tiny-report:end -->" with the
 table (from `memguard tables`) and links to the figures. Usage: python scripts/tiny_report.py [--output-dir outputs]
 """
 
@@ -116,17 +116,17 @@ def main() -> None:
         "Transition sweep (static transition point tau; trigger and shared captions' copy fraction, alignment):",
         "",
         to_markdown(sweep.round(4)),
-        "![mean d_t under zero guidance](docs/tiny/d_curves.png) ![transition sweep](docs/tiny/transition_sweep.png)",
+        "![mean d_t under zero guidance](tiny/d_curves.png) ![transition sweep](tiny/transition_sweep.png)",
         "",
-        f"![trigger captions under each mitigation](docs/tiny/grid.png)  \nRows, top to bottom: "
+        f"![trigger captions under each mitigation](tiny/grid.png)  \nRows, top to bottom: "
         f"{', '.join((out / 'grid_rows.txt').read_text().split())}; each block of 8 columns is one trigger caption.",
         END,
     ])
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    page = ROOT / "docs" / "tiny.md"  # the documentation site's page (links relative to docs/)
+    text = page.read_text()
     if START not in text:
-        raise SystemExit(f"README.md has no {START} marker")
-    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.DOTALL))
+        raise SystemExit(f"docs/tiny.md has no {START} marker")
+    page.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.DOTALL))
     print(section)
 
 
