@@ -1,4 +1,4 @@
-"""What makes a numeric comparison hold on every CPU (see README, Development).
+"""What makes a numeric comparison hold on every CPU (see docs/development.md).
 
 Two computations of the same image (batched and alone, sharded and not, on another vector unit) agree to float32
 rounding, about 1e-6 of ``d_t``. A DTP decision compares neighbouring ``d_t`` values; where two of them are closer
