@@ -106,6 +106,29 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
+# Each command's page of the documentation (docs/*.md in the source tree; `make docs` builds them into a site),
+# named at the end of its --help.
+COMMAND_DOCS = {
+    "run": "docs/getting-started.md", "check": "docs/getting-started.md#checking-the-inputs",
+    "fetch": "docs/scenarios.md#reproduce-a-table", "basin": "docs/basin.md", "evaluate": "docs/evaluation.md",
+    "train": "docs/notebook.md", "finetune": "docs/scenarios.md", "tables": "docs/evaluation.md",
+    "calibrate": "docs/basin.md#detection-and-mitigationauto", "plot": "docs/evaluation.md",
+    "random-model": "docs/families.md",
+}
+
+
+def docs_line(name: str) -> str:
+    page = COMMAND_DOCS.get(name)
+    return f"more: {page} in memguard's source tree (`make docs` builds the site: site/index.html)" if page else ""
+
+
+def _parser(name: str, what: str, example: str) -> argparse.ArgumentParser:
+    """A plain (non-Hydra) command's parser whose --help reads as the Hydra commands' do: what, options, example."""
+    return argparse.ArgumentParser(prog=f"memguard {name}", description=textwrap.fill(what, 100),
+                                   epilog=f"example:\n  {example}\n\n{docs_line(name)}".rstrip(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def command_help(name: str) -> str:
     """``memguard NAME --help``'s own part: what the command does, its main keys with their defaults, an example."""
     from hydra import compose, initialize_config_dir
@@ -131,7 +154,8 @@ def command_help(name: str) -> str:
     width = max(map(len, keys))
     lines = [f"usage: memguard {name} [key=value ...]", "", *textwrap.wrap(what, 100), "", "main keys (default):"]
     lines += [f"  {key:<{width}}  {default(key)}" for key in keys]
-    return "\n".join([*lines, "", f"example:\n  {example}", "", "Every key and group (Hydra) follows.", ""])
+    more = [docs_line(name), ""] if docs_line(name) else []
+    return "\n".join([*lines, "", f"example:\n  {example}", "", *more, "Every key and group (Hydra) follows.", ""])
 
 
 def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
@@ -153,10 +177,10 @@ def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) 
 
 
 def _random_model(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="memguard random-model",
-                                     description="Write a tiny random-weight model folder of a family.")
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = _parser("random-model", "Write a tiny random-weight model folder of a family (tests, demos: its images "
+                     "and d_t mean nothing).", "memguard random-model --family sdxl models/random-sdxl")
+    parser.add_argument("folder", type=Path, help="a new or empty folder")
+    parser.add_argument("--seed", type=int, default=0, help="the weights' seed (0)")
     parser.add_argument("--family", default="sd", help="sd (default), sdxl, sd3 or dit")
     parser.add_argument("--no-t5", action="store_true", help="sd3 only: without its third (T5) text encoder")
     options = parser.parse_args(args)
@@ -183,8 +207,11 @@ def _random_model(args: list[str]) -> None:
 
 
 def _tables(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="memguard tables", description="Collect run folders into the paper's tables.")
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="holds runs/; tables/ is written there")
+    parser = _parser("tables", "Collect run folders into the paper's tables (Tables 1-5 and the tiny table, each "
+                     "number with its interval beside the paper's): .csv, .md, .html and report.html in tables/.",
+                     "memguard tables --output-dir outputs")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                        help="holds runs/; tables/ is written there (outputs)")
     options = parser.parse_args(args)
     from memguard.tables import write_tables
 
@@ -195,10 +222,11 @@ def _tables(args: list[str]) -> None:
 
 
 def _calibrate(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="memguard calibrate", description=(
+    parser = _parser("calibrate", (
         "Set mitigation=auto's detection threshold from a standard-CFG run (mitigation=none) of prompts that are "
-        "not memorized: at most --fpr of its images score above it. Writes RUN_DIR/calibration.json."))
-    parser.add_argument("run_dir", type=Path)
+        "not memorized: at most --fpr of its images score above it. Writes RUN_DIR/calibration.json."),
+        "memguard calibrate outputs/runs/tiny/calibration --fpr 0.01 --group unique")
+    parser.add_argument("run_dir", type=Path, help="a finished mitigation=none run folder")
     parser.add_argument("--fpr", type=float, default=0.01, help="false-positive rate to allow (0.01)")
     parser.add_argument("--detect-step", type=int, default=0, help="mitigation.auto.detect_step (0)")
     parser.add_argument("--group", nargs="*", default=None, help="use only these prompt groups (e.g. unique)")
@@ -213,10 +241,11 @@ def _calibrate(args: list[str]) -> None:
 
 
 def _plot(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="memguard plot", description=(
+    parser = _parser("plot", (
         "The paper's Figures 3, 9, 10, 12: mean ||eps_c||, ||eps_u|| and ||eps_c - eps_u|| per timestep and prompt "
-        "group, one panel per run folder, transition steps marked. Writes norms.png into the first folder."))
-    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+        "group, one panel per run folder, transition steps marked. Writes norms.png into the first folder."),
+        "memguard plot outputs/runs/tiny/uncond outputs/runs/tiny/none --output norms.png")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders, one column each")
     parser.add_argument("--output", type=Path, default=None, help="the figure's file (default RUN_DIR/norms.png)")
     options = parser.parse_args([a.removeprefix("run_dir=") for a in args])
     from memguard.runs.plots import plot_norms
@@ -227,7 +256,8 @@ def _plot(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(f"usage:\n{USAGE}")
+        print(f"usage:\n{USAGE}\n\ndocumentation: README.md and docs/ in memguard's source tree "
+              "(`make docs` builds the site: site/index.html)")
         return
     command, rest = argv[0], argv[1:]
     if command == "run":
