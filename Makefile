@@ -86,10 +86,10 @@ bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs Sta
 
 # the documentation site (mkdocs.yml; docs/*.md, the configuration reference generated from conf/ at each build)
 docs: $(MG)  ## build the documentation site into site/ (strict: a broken link fails); open site/index.html
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 docs-serve: $(MG)  ## serve the documentation on http://127.0.0.1:8000, rebuilt as docs/ or conf/ change
-	$(PY) -m mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 clean:  ## remove the virtual environment, the random demo model and the built site (keeps outputs/)
 	rm -rf $(VENV) $(RANDOM_MODEL) site
