@@ -294,7 +294,7 @@ def _weights_help(target: str) -> str:
         from memguard.metrics.fid import INCEPTION_HELP
 
         return INCEPTION_HELP
-    return "see docs/evaluation.md, Evaluation"
+    return "see docs/evaluation.md (where each weights file comes from)"
 
 
 def check_weights(cfg: DictConfig, report: Report, stages: list[str]) -> None:
