@@ -135,6 +135,29 @@ class Interval(GuidanceSchedule):
             _check_timestep("t_lo", self.t_lo, num_train_timesteps)
 
 
+class DelayedStart(GuidanceSchedule):
+    """CFG from a fixed sampling step on: ``s = 0`` for steps ``k <= step``, ``s = scale`` for ``k > step``.
+
+    Counts sampling steps (``k = 0`` is the first), not timesteps, so unlike :class:`StaticTransition` and
+    :class:`Interval` the switch does not move with the sampler's timestep spacing. Han et al.'s batch-wise
+    method (mitigation ``han``) delays CFG this way: the unconditional prediction alone while
+    ``i <= apply_cfg_step`` (hygnhan/init_noise_diffusion_memorization ``local_sd_pipeline.py`` lines 167-171,
+    commit 3a47d7a). Ranges: ``step`` an integer ``>= 0``, ``scale >= 0``.
+    """
+
+    needs_d = False
+
+    def __init__(self, step: int, scale: float) -> None:
+        _check_non_negative("scale", scale)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step} must be an integer >= 0 (the last sampling step without CFG; "
+                             "0 = only the first); for CFG from the first step use mitigation=none")
+        self.step, self.scale = step, float(scale)
+
+    def __call__(self, step: int, timestep: float, d: Tensor) -> Tensor:
+        return self._full(d, self.scale if step > self.step else 0.0)
+
+
 def _fraction_or_timestep(name: str, value: float, fraction: bool) -> float | None:
     """The timestep itself, or None for a fraction (resolved by ``check_timesteps``), checked to lie in [0, 1]."""
     if fraction and not 0 <= value <= 1:
