@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from memguard.baselines import SLOTS
+from memguard.mitigations import SLOTS
 from memguard.cli import CONF_DIR
 from memguard.guidance import GuidanceSchedule
 
