@@ -104,9 +104,9 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "(accelerate launch for GPUs; resumes from its latest checkpoint).",
                  ("scenario", "finetune.base_model", "finetune.settings.steps", "finetune.output_dir"),
                  "memguard finetune scenario=laion10k"),
-    "nemo-localize": ("NeMo (Hintersdorf et al.): for each prompt, the cross-attention value neurons that memorize it "
-                      "(z-scores of their activations against nemo.statistics, then refined by the MS-SSIM of the "
-                      "first noise prediction across seeds), written to nemo.output for mitigation=nemo; resumes.",
+    "nemo-localize": (("NeMo (Hintersdorf et al.): for each prompt, the cross-attention value neurons that memorize "
+                       "it (z-scores of their activations against nemo.statistics, then refined by the MS-SSIM of the "
+                       "first noise prediction across seeds), written to nemo.output for mitigation=nemo; resumes."),
                       ("scenario", "model.path", "prompts_file", "nemo.output", "nemo.statistics",
                        "nemo.statistics_prompts", "nemo.samples", "nemo.seed", "nemo.pairwise_threshold", "nemo.theta",
                        "dtype", "device"),

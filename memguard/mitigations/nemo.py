@@ -29,6 +29,7 @@ file at all is refused (``unlisted: refuse``: the file was made for other prompt
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -145,7 +146,7 @@ class NeMo(DenoiserHook):
                              "nemo-localize writes")
         if unlisted not in ("refuse", "unmasked"):
             raise ValueError(f"unlisted={unlisted!r} must be refuse or unmasked")
-        if not factor == factor:  # NaN
+        if math.isnan(factor):
             raise ValueError(f"factor={factor} must be a number (0 switches the neurons off)")
         self.path, self.factor, self.unlisted = str(neurons), float(factor), unlisted
         self.table = read_neurons(self.path)

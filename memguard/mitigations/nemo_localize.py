@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from memguard.errors import UserError
-from memguard.mitigations.nemo import Neurons, channel_scale, scaled_channels, value_projections
+from memguard.mitigations.nemo import channel_scale, scaled_channels, value_projections
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,23 @@ def compute_statistics(family: Any, prompts: Sequence[str], modules: Sequence[st
     return Statistics([a.mean(dim=0) for a in acts], [a.std(dim=0) for a in acts])
 
 
-def save_statistics(path: Path, stats: Statistics, modules: Sequence[str], prompts: Sequence[str]) -> None:
-    """memguard's statistics file: the modules by name, their means and stds, and the prompts' digest."""
+def save_statistics(path: Path, stats: Statistics, modules: Sequence[str], prompts: Sequence[str],
+                    model: str = "") -> None:
+    """memguard's statistics file: the modules by name, their means and stds, the prompts' digest, the model."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     torch.save({"format": STATISTICS_FORMAT, "modules": list(modules), "mean": stats.mean, "std": stats.std,
-                "n_prompts": len(prompts), "prompts_sha256": _digest(prompts)}, tmp)
+                "n_prompts": len(prompts), "prompts_sha256": _digest(prompts), "model": model}, tmp)
     os.replace(tmp, path)
+
+
+def _own_statistics(path: Path) -> dict[str, Any] | None:
+    """The contents of a statistics file memguard wrote, else None (absent, NeMo's, or not a torch file)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    except Exception:  # noqa: BLE001  (not a torch file: not one of memguard's)
+        return None
+    return data if isinstance(data, dict) and data.get("format") == STATISTICS_FORMAT else None
 
 
 def load_statistics(path: Path, modules: Mapping[str, int], key: str = "nemo.statistics") -> Statistics:
@@ -176,7 +186,7 @@ def load_statistics(path: Path, modules: Mapping[str, int], key: str = "nemo.sta
     refused in one line."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (a file torch cannot read: say which and why)
+    except Exception as err:  # a file torch cannot read: say which and why
         raise UserError(f"{key}={str(path)!r} cannot be read as a statistics file ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:120] if str(err) else ''})") from err
     if isinstance(data, dict) and data.get("format") == STATISTICS_FORMAT:
@@ -224,7 +234,7 @@ def ms_ssim(a: Tensor, b: Tensor, settings: Settings) -> Tensor:
 
 def max_pairwise(diffs: Tensor, settings: Settings) -> Tensor:
     """Per sample, its largest MS-SSIM to any other sample (``detection`` l. 117-129)."""
-    pairs = torch.combinations(torch.arange(len(diffs)), r=2)
+    pairs = torch.combinations(torch.arange(len(diffs), device=diffs.device), r=2)
     ssim = ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]], settings)
     return torch.stack([ssim[(pairs == i).any(dim=1)].max() for i in range(len(diffs))])
 
@@ -380,8 +390,8 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def _statistics(cfg: Any, family: Any, modules: dict[str, int], size: int | None, batch: int) -> tuple[Statistics, Path]:
-    """``nemo.statistics``, computed first from ``nemo.statistics_prompts`` where given (and not computed before
-    from the same prompts)."""
+    """``nemo.statistics``, computed first from ``nemo.statistics_prompts`` where given, unless the file holds
+    memguard's statistics of the same prompts and model already; a file memguard did not write is not replaced."""
     from memguard.runs.prompts import read_prompts_file
 
     if cfg.nemo.statistics is None:
@@ -395,14 +405,14 @@ def _statistics(cfg: Any, family: Any, modules: dict[str, int], size: int | None
             raise UserError(f"nemo.statistics_prompts={str(source)!r} is not a file; give a prompt file of "
                             "non-memorized prompts (text, .csv, .jsonl or .parquet)")
         prompts = read_prompts_file(source).texts
-        old = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-        if not (isinstance(old, dict) and old.get("prompts_sha256") == _digest(prompts)):
-            if path.exists() and not isinstance(old, dict):
-                raise UserError(f"nemo.statistics={str(path)!r} exists and was not computed by memguard; give "
-                                "another file for the computed statistics")
+        old = _own_statistics(path)
+        if path.exists() and old is None:
+            raise UserError(f"nemo.statistics={str(path)!r} exists and was not computed by memguard; give another "
+                            "file for the statistics computed from nemo.statistics_prompts")
+        if old is None or (old.get("prompts_sha256"), old.get("model")) != (_digest(prompts), str(cfg.model.path)):
             log.info("nemo-localize: statistics of %d prompts from %s -> %s", len(prompts), source, path)
             save_statistics(path, compute_statistics(family, prompts, list(modules), size, batch), list(modules),
-                            prompts)
+                            prompts, str(cfg.model.path))
     elif not path.is_file():
         raise UserError(f"nemo.statistics={str(path)!r} is not a file; `memguard fetch` (the same overrides) brings "
                         "NeMo's (sources.nemo_statistics), or compute one with nemo.statistics_prompts=FILE")
