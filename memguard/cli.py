@@ -121,7 +121,7 @@ COMMAND_DOCS = {
     "fetch": "docs/scenarios.md#reproduce-a-table", "basin": "docs/basin.md", "evaluate": "docs/evaluation.md",
     "train": "docs/notebook.md", "finetune": "docs/scenarios.md", "tables": "docs/evaluation.md",
     "calibrate": "docs/basin.md#detection-and-mitigationauto", "plot": "docs/evaluation.md",
-    "random-model": "docs/families.md",
+    "random-model": "docs/families.md", "nemo-localize": "docs/mitigations.md",
 }
 
 

@@ -423,6 +423,18 @@ def test_the_statistics_source_is_fetched_into_nemo_statistics(tmp_path: Path) -
     assert load_statistics(dest, {DOWN: 64, MID: 64}).std[0].sum() == 64
 
 
+def test_defaults_are_their_codes() -> None:
+    """conf's nemo node and mitigation=nemo hold the defaults of 3_detect_memorized_neurons.py l. 124-138, 95 and
+    4_generate_images.py l. 297 (commit f952ede); +protocol=authors runs nemo as their generation does."""
+    cfg = compose_config(["mitigation=nemo", "+protocol=authors"])
+    settings = Settings.from_config(cfg.nemo)
+    assert settings == Settings(seed=1, samples=10, steps=50, noise_step=1, guidance=0.0, pairwise_threshold=0.428,
+                                initial_threshold=0.428, refinement_threshold=0.428, theta=5.0, theta_step=0.25,
+                                min_theta=1.0, k=0, max_k=1280, factor=0.0, ssim_sigma=1.5, ssim_betas=(0.33,) * 3)
+    assert cfg.mitigation.attention.factor == 0.0 and cfg.mitigation.attention.neurons == cfg.nemo.output
+    assert (cfg.protocol.mitigations.nemo.sampler, cfg.protocol.mitigations.nemo.dtype) == ("ddim", "float16")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 
