@@ -10,6 +10,7 @@
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
     memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run
     memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
+    memguard nemo-localize [key=value ...]  NeMo's memorization neurons per prompt, the file mitigation=nemo reads
     memguard random-model DIR [--family F]  write a tiny random-weight folder, F = sd|sdxl|sd3|dit (tests, demos)
     memguard COMMAND --help                 what COMMAND does, its main keys and their defaults, an example
 
@@ -103,6 +104,13 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "(accelerate launch for GPUs; resumes from its latest checkpoint).",
                  ("scenario", "finetune.base_model", "finetune.settings.steps", "finetune.output_dir"),
                  "memguard finetune scenario=laion10k"),
+    "nemo-localize": (("NeMo (Hintersdorf et al.): for each prompt, the cross-attention value neurons that memorize "
+                       "it (z-scores of their activations against nemo.statistics, then refined by the MS-SSIM of the "
+                       "first noise prediction across seeds), written to nemo.output for mitigation=nemo; resumes."),
+                      ("scenario", "model.path", "prompts_file", "nemo.output", "nemo.statistics",
+                       "nemo.statistics_prompts", "nemo.samples", "nemo.seed", "nemo.pairwise_threshold", "nemo.theta",
+                       "dtype", "device"),
+                      "memguard nemo-localize scenario=nemo500"),
 }
 
 
@@ -113,7 +121,7 @@ COMMAND_DOCS = {
     "fetch": "docs/scenarios.md#reproduce-a-table", "basin": "docs/basin.md", "evaluate": "docs/evaluation.md",
     "train": "docs/notebook.md", "finetune": "docs/scenarios.md", "tables": "docs/evaluation.md",
     "calibrate": "docs/basin.md#detection-and-mitigationauto", "plot": "docs/evaluation.md",
-    "random-model": "docs/families.md",
+    "random-model": "docs/families.md", "nemo-localize": "docs/mitigations.md",
 }
 
 
@@ -290,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         from memguard.finetune import finetune
 
         _hydra_command("finetune", finetune, rest)
+    elif command == "nemo-localize":
+        from memguard.mitigations.nemo_localize import localize
+
+        folder = "${paths.output_dir}/nemo/${scenario.name}"  # beside its neuron file, outside runs/
+        _hydra_command("nemo-localize", localize, [f"run_dir={folder}", *rest])
     elif command == "tables":
         _tables(rest)
     elif command == "random-model":
@@ -297,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command in ("calibrate", "plot"):
         _report_user_errors(_calibrate if command == "calibrate" else _plot, rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, nemo-localize, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ A node names a ``kind`` and how to get it:
 - ``manual`` / ``made``: nothing to fetch; ``note`` says how to get it (``made``: the command that makes it).
 
 Every node has a ``note`` (licence, gating) and fills one config key (``fills``, by default from its name:
-``model`` -> ``model.path``, ``similarity`` -> ``metrics.similarity.path``, ...): that key is the destination.
+``model`` -> ``model.path``, ``similarity`` -> ``metrics.similarity.path``, ``nemo_statistics`` -> ``nemo.statistics``
+(conf/config.yaml: NeMo's statistics file, for ``memguard nemo-localize``), ...): that key is the destination; a
+source whose key is null (not used by the config) is not fetched.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from memguard.errors import UserError
 # the config key each source fills, by its name; a node's ``fills`` overrides it
 FILLS = {"model": "model.path", "base_model": "finetune.base_model", "prompts_file": "prompts_file",
          "control_prompts_file": "control_prompts_file", "prompt_join": "prompt_join.file", "references": "references", "similarity": "metrics.similarity.path",
-         "alignment": "metrics.alignment.path", "fid": "metrics.fid.path"}
-ORDER = ("model", "base_model", "prompts_file", "control_prompts_file", "prompt_join", "references", "similarity", "alignment", "fid")
+         "alignment": "metrics.alignment.path", "fid": "metrics.fid.path",
+         "nemo_statistics": "nemo.statistics"}
+ORDER = ("model", "base_model", "prompts_file", "control_prompts_file", "prompt_join", "references", "similarity", "alignment", "fid",
+         "nemo_statistics")
 KINDS = ("hub", "url", "gdrive", "url_list", "manual", "made")
 
 
