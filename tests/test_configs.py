@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from memguard.cli import CONF_DIR
 from memguard.guidance import GuidanceSchedule
+from memguard.mitigations import SLOTS
 
 
 def options(group: str) -> list[str]:
@@ -63,8 +64,8 @@ def test_debug_and_experiment_compose() -> None:
     cfg = compose_config(["experiment=schedules"], hydra=True)
     swept = cfg.hydra.sweeper.params.mitigation.split(",")
     schedules = [m for m in options("mitigation") if m != "auto"  # auto needs a calibrated threshold first
-                 and all(compose_config([f"mitigation={m}"]).mitigation.get(k) is None for k in ("prompt", "embedding", "attention"))]
-    assert sorted(swept) == schedules  # every guidance schedule; prompt and embedding baselines are not schedules
+                 and all(compose_config([f"mitigation={m}"]).mitigation.get(k) is None for k in SLOTS)]
+    assert sorted(swept) == schedules  # every guidance schedule; a mitigation with a slot (baseline) is not one
     cfg = compose_config(["experiment=tiny_grid"], hydra=True)
     assert cfg.scenario.name == "tiny" and "dtp" in cfg.hydra.sweeper.params.mitigation
 
