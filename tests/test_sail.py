@@ -34,7 +34,8 @@ def _setup(components, prompts: list[str], seeds: list[int], steps: int = 6, pre
     cond, uncond, noise = prepare_batch(family, prompts, seeds)
     scheduler.set_timesteps(steps)
     a, b = family.eps_coefficients(scheduler)
-    return family, Start(scheduler, scheduler.timesteps[0], float(scheduler.init_noise_sigma), a[0], b[0]), cond, uncond, noise
+    start = Start(scheduler, scheduler.timesteps[0], float(scheduler.init_noise_sigma), a[0], b[0])
+    return family, start, cond, uncond, noise
 
 
 def _their_search(unet, scheduler, t: Tensor, uncond: Tensor, cond: Tensor, seed: int, wanted: int, budget: int,
@@ -121,7 +122,7 @@ def test_the_direction_at_the_current_latent_is_not_their_code(tiny64) -> None:
     family, start, cond, uncond, noise = _setup(tiny64, [PROMPT], [11])
     their = _their_search(tiny64.unet, start.scheduler, start.t, uncond["encoder_hidden_states"],
                           cond["encoder_hidden_states"], 11, 1, 3, 0.05, 2.05, 4, False)[0][0][0]
-    latents, info = SAIL(threshold=2.05, budget=3, max_steps=4, direction="current")(
+    latents, _ = SAIL(threshold=2.05, budget=3, max_steps=4, direction="current")(
         family, noise, start, cond, uncond, prompts=[PROMPT], seeds=[11])
     assert not torch.allclose(latents[0], their, atol=1e-4)
 
@@ -184,8 +185,8 @@ def test_each_image_is_the_same_alone_and_in_any_batch_order(tiny_components) ->
         assert torch.allclose(latents, batch[order], atol=1e-5)
         for key in ("sail_rounds", "sail_steps", "unet_evals_before"):
             assert sub_info[key].tolist() == info[key][order].tolist()
-    images, traj = generate_images(tiny_components, tiny_components.scheduler, Constant(7.5), prompts, seeds, 3,
-                                   baselines=Baselines(noise=sail))
+    images, _ = generate_images(tiny_components, tiny_components.scheduler, Constant(7.5), prompts, seeds, 3,
+                                baselines=Baselines(noise=sail))
     alone, _ = generate_images(tiny_components, tiny_components.scheduler, Constant(7.5), prompts[1:2], seeds[1:2],
                                3, baselines=Baselines(noise=sail))
     assert torch.allclose(images[1], alone[0], atol=1e-5)
@@ -210,6 +211,8 @@ def test_the_threshold_rises_every_three_failed_rounds_and_the_cap_stops_the_sea
     assert [s for _, s in search.rounds] == [seeds[0]] * 3 + [seeds[1]] * 3 + [seeds[2]]
     assert [t for t, _ in search.rounds] == pytest.approx([0.0] * 3 + [0.1] * 3 + [0.2])
     assert search.capped and search.evals == 7 * 1 * 4 * 2
+    six = SAIL(threshold=0.0, budget=2, max_steps=1, max_rounds=6).search(family, start, *one, 9, 1, SHAPE)
+    assert six.picks[0].threshold == pytest.approx(0.1)  # the 6th round's threshold, not the raise after it
     latents, info = sail(family, noise, start, *one, prompts=[PROMPT], seeds=[9])
     assert bool(info["sail_capped"][0]) and int(info["sail_rounds"][0]) == 7
     assert float(info["sail_threshold"][0]) == pytest.approx(0.2) and int(info["unet_evals_before"][0]) == 56

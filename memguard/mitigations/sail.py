@@ -9,10 +9,10 @@ are optimised with Adam on, per candidate,
 
 at the first timestep ``T`` (the sharpness proxy plus a Gaussianity penalty), where ``z'`` is the point the
 direction is taken at (see ``direction``). A candidate is taken as soon as ``L <= threshold`` (checked before each
-step, so the value taken is the one that met it); after ``max_steps`` steps without one the round has failed;
-after every 3rd failed round the threshold rises by 0.1 and the candidates are drawn from a new seed (rounds 1-3
-of a threshold draw the same candidates, as theirs: ``torch.manual_seed(seed)`` at every round, pipe.py line
-520, and the seed changes only with the threshold, lines 575-577).
+Adam step); after ``max_steps`` steps without one the round has failed; after every 3rd failed round the threshold
+rises by 0.1 and the candidates are drawn from a new seed. Rounds 1-3 of a threshold draw the same candidates, as
+theirs (``torch.manual_seed(seed)`` at every round, pipe.py line 520; the seed changes only with the threshold,
+lines 575-577), so on deterministic hardware rounds 2 and 3 repeat round 1's search: its cost, not a new chance.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class SAIL(NoiseAdjustment):
 
     Per image (``pool=image``, memguard's default): each image searches its own pool of ``budget`` candidates,
     drawn from a CPU generator seeded with the image's seed, and takes the first candidate that meets the
-    threshold (several at one step: the lowest index). Their code (``pool=prompt``) searches ONE pool per prompt,
+    threshold (several at one step: the lowest index). Their code's pool (``pool=prompt``) searches ONE pool per prompt,
     seeded with one seed (``gen_seed`` 42, mitigate_mem.py line 65, the same for every prompt) and keeps the first
     ``images_per_prompt`` latents found (pipe.py lines 550-560, 583); here the pool's seed is the first seed of the
     prompt's image set and the image with the k-th seed of the set gets the k-th latent. Two quirks of theirs are
@@ -71,7 +71,8 @@ class SAIL(NoiseAdjustment):
     lines 520-521, 577; on CUDA their candidates come from the CUDA generator). Never the global RNG, so an image is
     the same alone or in any batch. Candidates are unit noise as theirs (line 521: ``torch.randn``, not scaled by
     ``init_noise_sigma``); here x_T = ``init_noise_sigma`` z and the model input ``scale_model_input(x_T)``, which
-    is z itself for their DDIM (and DPM-Solver: sigma 1, identity), and the penalty is on z.
+    is z itself for their DDIM (and DPM-Solver: sigma 1, identity), and the penalty is on z. Both calls take
+    ``scale_model_input`` (their perturbed call, line 535-536, skips it: the same for their DDIM).
 
     ``direction="first"`` (default, their code as it runs): ``u`` is taken at the round's first draw ``z_0`` and
     the gradient flows through it at ``z_0``: pipe.py line 523 builds ``lat_single = torch.cat([lat_out] * 2)`` once
@@ -83,7 +84,8 @@ class SAIL(NoiseAdjustment):
     ``b = sqrt(1 - abar_T)``; ``v_units="eps"``). Their code (lines 531, 545) converts with
     ``(x_in - sqrt(abar) out) / sqrt(1 - abar)``, which is eps only if ``out`` were x0: for ``Delta`` it gives
     ``-Delta_eps / sqrt(1 - abar_T)``, so their direction ``u`` is the opposite one and their proxy is scaled by
-    ``1 / sqrt(1 - abar_T)`` (1.0029 for SD 2's scaled-linear betas at their DDIM's t = 981); ``v_units="their_code"`` uses it.
+    ``1 / sqrt(1 - abar_T)`` (1.0029 for SD 2's scaled-linear betas at their DDIM's t = 981);
+    ``v_units="their_code"`` uses their conversion.
 
     ``gaussianity`` (gamma): null takes theirs by prediction type, 0.05 for eps models (their SD 1.4, line 543)
     and 0.01 for v models (their SD 2, the 768-v model, line 548). ``max_rounds`` is memguard's addition (their loop,
@@ -192,10 +194,12 @@ class SAIL(NoiseAdjustment):
             # 3. A failed round: every RAISE_EVERY-th raises the threshold and re-seeds
             if round_ % self.RAISE_EVERY == 0:
                 threshold, seed = threshold + self.RAISE_BY, next_seed
-        # 4. Capped: the candidates of the last evaluation, lowest loss first (a NaN loss last)
+        # 4. Capped: the candidates of the last evaluation, lowest loss first (a NaN loss last), with the last
+        # round's threshold (not a raise that no round ran with)
         order = sorted(range(self.budget), key=lambda i: (float(last_loss[i].nan_to_num(float("inf"))), i))
         while len(picks) < wanted:
-            picks += [Pick(last[i], float(last_loss[i]), self.max_rounds, self.max_steps - 1, threshold) for i in order]
+            picks += [Pick(last[i], float(last_loss[i]), self.max_rounds, self.max_steps - 1, rounds[-1][0])
+                      for i in order]
         return Search(picks, evals, True, rounds)
 
     def loss(self, family: Family, start: Start, z: Tensor, first: Tensor, conditions: Conditions,
