@@ -250,6 +250,22 @@ def test_a_run_records_the_search_per_image_and_its_cost(tiny_model_dir: Path, t
         assert images.sail_capped.nunique() == 1 and images.unet_evals_before.max() - images.unet_evals_before.min() <= 1
 
 
+def test_their_protocol_runs_the_search_in_bfloat16_under_ddim(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``+protocol=authors``: their sampler and dtype (mitigate_mem.py l. 11-12, 34); the candidates stay float32
+    (Adam's parameter), the denoiser's calls are in bfloat16."""
+    from omegaconf import OmegaConf
+
+    from memguard.runner import run
+    from tests.test_run import config
+
+    run(config(tiny_model_dir, tmp_path, "+protocol=authors", "mitigation=sail", "sampler.steps=3",
+               "mitigation.noise.budget=2", "mitigation.noise.max_steps=2", "mitigation.noise.max_rounds=1"))
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    assert (saved.sampler.name, saved.dtype) == ("ddim", "bfloat16")
+    rows = pd.read_csv(tmp_path / "generations.csv")
+    assert rows.sail_final_loss.notna().all() and (rows.unet_evals_before > 0).all()
+
+
 @pytest.mark.parametrize(("key", "value"), [("budget", "0"), ("max_steps", "0"), ("lr", "0"), ("lr", "-0.1"),
                                             ("threshold", "-1"), ("max_rounds", "0"), ("gaussianity", "-0.5"),
                                             ("direction", "sideways"), ("pool", "batch"), ("v_units", "x0")])
