@@ -292,13 +292,15 @@ def test_flow_models_are_refused_and_the_defaults_are_theirs() -> None:
     assert (noise.direction, noise.pool, noise.v_units, noise.gaussianity) == ("first", "image", "eps", None)
 
 
-def test_class_conditional_models_search_too() -> None:
-    """DiT: an eps model with a null class; the search runs on its denoiser (learned-variance channels dropped)."""
+@pytest.mark.parametrize(("name", "prompt"), [("dit", "goldfish"), ("sdxl", PROMPT)])
+def test_the_other_families_it_serves_search_too(name: str, prompt: str) -> None:
+    """DiT (an eps model with a null class; learned-variance channels dropped) and SDXL (conditions beyond the
+    text embedding: pooled embedding, time ids) run the search on their denoisers."""
     from memguard.families import random_family
 
-    family = random_family("dit")
+    family = random_family(name)
     sail = SAIL(threshold=0.0, budget=2, max_steps=2, max_rounds=1)
-    images, traj = generate_images(family, family.scheduler, Constant(4.0), ["goldfish"], [0], 3,
+    images, traj = generate_images(family, family.scheduler, Constant(4.0), [prompt], [0], 3,
                                    baselines=Baselines(noise=sail))
     assert images.shape[0] == 1 and traj.info["unet_evals_before"].tolist() == [16]
     assert bool(traj.info["sail_capped"][0]) and torch.isfinite(traj.info["sail_final_loss"]).all()
