@@ -188,8 +188,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     family.check_scheduler(scheduler)
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = build_baselines(cfg, family)
-    if hasattr(baselines.embedding, "image_set"):  # a per-prompt embedding is shared by all the prompt's seeds
-        baselines.embedding.image_set = seeds.image_set
+    for slot in (baselines.embedding, baselines.noise):  # a per-prompt embedding or latent search (SAIL's
+        if hasattr(slot, "image_set"):                  # pool=prompt) is shared by all the prompt's seeds
+            slot.image_set = seeds.image_set
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 

@@ -10,9 +10,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from memguard.mitigations import SLOTS
 from memguard.cli import CONF_DIR
 from memguard.guidance import GuidanceSchedule
+from memguard.mitigations import SLOTS
 
 
 def options(group: str) -> list[str]:
