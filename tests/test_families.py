@@ -12,12 +12,13 @@ import diffusers
 import pytest
 import torch
 
-from memguard.baselines import SLOTS, Baselines
+from memguard.baselines import Baselines
 from memguard.errors import UserError, instantiate_checked
 from memguard.families import FAMILIES, family_name, load_family, random_family
 from memguard.families.dit import DiT
 from memguard.families.sd3 import SD3
 from memguard.guidance import Constant, DynamicTransition
+from memguard.mitigations import SLOTS
 from memguard.runner import build_schedule, generate, run
 from memguard.sampling import generate_images
 from tests.numerics import assert_away_from_dtp_ties

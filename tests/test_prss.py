@@ -218,9 +218,9 @@ def _png_diff(a: Path, b: Path, files) -> float:
                for f in files)
 
 
-def test_prss_pe_run_counts_three_evaluations_per_step_and_its_optimisation(tiny_model_dir: Path,
+def test_prss_run_counts_three_evaluations_per_step_and_its_optimisation(tiny_model_dir: Path,
                                                                            tmp_path: Path) -> None:
-    metrics = run(config(tiny_model_dir, tmp_path / "pe", "mitigation=prss_pe", "mitigation.embedding.l_target=1e-6",
+    metrics = run(config(tiny_model_dir, tmp_path / "pe", "mitigation=prss", "mitigation.embedding.l_target=1e-6",
                          "mitigation.embedding.max_iters=2", "mitigation.branches.target=0.1",
                          "mitigation.branches.threshold=0.5"))
     rows = pd.read_csv(tmp_path / "pe" / "generations.csv")
@@ -229,7 +229,7 @@ def test_prss_pe_run_counts_three_evaluations_per_step_and_its_optimisation(tiny
     assert metrics["unet_evals_per_image"] == 3 * 6 + 4
 
     # defaults: the tiny model's prompts are below the trigger (l_target 1): no optimisation, standard CFG
-    run(config(tiny_model_dir, tmp_path / "d", "mitigation=prss_pe"))
+    run(config(tiny_model_dir, tmp_path / "d", "mitigation=prss"))
     run(config(tiny_model_dir, tmp_path / "none", "mitigation=none"))
     default = pd.read_csv(tmp_path / "d" / "generations.csv")
     assert (default.prss_triggered == 0).all() and (default.wen_iterations == 0).all()
@@ -271,9 +271,9 @@ def test_bad_input_is_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path) 
     assert _error(tiny_model_dir, tmp_path / "c", "mitigation=prss_ss", f"mitigation.embedding.paraphrases={partial}"
                   ).startswith(f"mitigation.embedding.paraphrases={partial} has no paraphrases for 1 of 2 prompts "
                                "('a blue square')")
-    assert _error(tiny_model_dir, tmp_path / "d", "mitigation=prss_pe", "mitigation.branches.gate=image").startswith(
+    assert _error(tiny_model_dir, tmp_path / "d", "mitigation=prss", "mitigation.branches.gate=image").startswith(
         "mitigation.branches.gate='image' must be one of sample, batch")
-    assert _error(tiny_model_dir, tmp_path / "e", "mitigation=prss_pe", "mitigation.branches.target=6").startswith(
+    assert _error(tiny_model_dir, tmp_path / "e", "mitigation=prss", "mitigation.branches.target=6").startswith(
         "mitigation.branches.target=6, threshold=5: need 0 <= target < threshold")
 
 
@@ -283,9 +283,9 @@ def test_other_families_are_refused_in_one_line(tiny_components) -> None:
     from memguard.families.dit import DiT
     from memguard.families.sd3 import SD3
 
-    with pytest.raises(UserError, match=r"^mitigation=prss_pe: mitigation.branches serves the sd, sdxl families, "
+    with pytest.raises(UserError, match=r"^mitigation=prss: mitigation.branches serves the sd, sdxl families, "
                                         "not dit"):
-        DiT.check_baselines(Baselines(branches=PromptReanchoring()), "prss_pe")
+        DiT.check_baselines(Baselines(branches=PromptReanchoring()), "prss")
     with pytest.raises(UserError, match=r"^mitigation=prss_ss: mitigation.embedding serves the sd, sdxl families, "
                                         "not sd3"):
         SD3.check_baselines(Baselines(embedding=SemanticSearch(str(FIXTURE))), "prss_ss")
