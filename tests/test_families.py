@@ -137,8 +137,11 @@ def test_every_mitigation_runs_or_is_refused(families: dict, name: str, tmp_path
     on the others."""
     family = families[name]
     sampler = "flow" if name == "sd3" else "dpm"
-    (paraphrases := tmp_path / "paraphrases.json").write_text(json.dumps({prompts_for(name)[0]: ["a paraphrase"]}))
-    needs = {"auto": ["mitigation.auto.threshold=1"], "prss_ss": [f"mitigation.embedding.paraphrases={paraphrases}"]}
+    prompt = prompts_for(name)[0]
+    (paraphrases := tmp_path / "paraphrases.json").write_text(json.dumps({prompt: ["a paraphrase"]}))
+    (neurons := tmp_path / "neurons.json").write_text(json.dumps({"neurons": {prompt: {}}}))
+    needs = {"auto": ["mitigation.auto.threshold=1"], "prss_ss": [f"mitigation.embedding.paraphrases={paraphrases}"],
+             "nemo": [f"mitigation.attention.neurons={neurons}"]}  # the inputs a mitigation needs
     for mitigation in options("mitigation"):
         cfg = compose_config([f"mitigation={mitigation}", f"sampler={sampler}", *needs.get(mitigation, [])])
         scheduler = instantiate_checked(cfg.sampler.scheduler, "sampler.scheduler", family.scheduler.config)
