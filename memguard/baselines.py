@@ -76,7 +76,9 @@ class WenEmbeddingOptimization:
     iterations; sampling then uses the optimised embedding. The start token's gradient is zeroed, as in Wen et
     al.'s code (see :class:`WenSharedEmbedding`). Each image stops on its own (an image that reached its target
     is frozen), so results do not depend on batch size. Returns per image the iterations used, the first and
-    final L, and whether the target was reached.
+    final L, whether the target was reached, and ``unet_evals_before``: its forward passes, ``iterations + 1``
+    conditional and 1 unconditional (what the image costs alone: a batch also evaluates its finished images until
+    its last one stops; the backward passes are not counted).
     """
 
     def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
@@ -116,7 +118,7 @@ class WenEmbeddingOptimization:
                 embedding[~active] = frozen[~active]
             iterations += active
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
-                "wen_reached_target": final <= self.l_target}
+                "wen_reached_target": final <= self.l_target, "unet_evals_before": iterations + 2}
         return {**cond, "encoder_hidden_states": embedding.detach()}, info
 
 

@@ -191,6 +191,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for slot in (baselines.embedding, baselines.noise):  # a per-prompt embedding or latent search (SAIL's
         if hasattr(slot, "image_set"):                  # pool=prompt) is shared by all the prompt's seeds
             slot.image_set = seeds.image_set
+    for slot in vars(baselines).values():  # a slot reading per-prompt inputs (a paraphrase file) checks them all now
+        if hasattr(slot, "check_prompts"):
+            slot.check_prompts(prompts)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 

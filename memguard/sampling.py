@@ -219,7 +219,7 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
     order: ``noise`` adjusts x_T; ``embedding`` (Wen et al.'s) replaces the prompt's conditions, seeing the first
     step's scaled model input (``adjust(model, x_in, t, cond, uncond, prompts=, seeds=, model_input=)``, where
     ``model_input(seeds)`` is any seeds' first input, for image sets); ``branches`` adds conditions the loop
-    evaluates and combines; ``attention`` hooks the denoiser's modules while the batch is sampled. ``trajectory``:
+    evaluates and combines (its ``info()`` joins the slots' info after sampling); ``attention`` hooks the denoiser's modules while the batch is sampled. ``trajectory``:
     see :func:`sample` (a hook or extra branches make it ``full``). The slots' per-image ``info`` is the
     trajectory's ``info``."""
     from memguard.baselines import Baselines
@@ -254,5 +254,5 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
         trajectory = sample(family, scheduler, cond, uncond, noise, schedule, steps,
                             trajectory=trajectory if baselines.attention is None else "full",
                             branches=baselines.branches, extra=extra)
-    trajectory.info = info
+    trajectory.info = info if baselines.branches is None else {**info, **baselines.branches.info()}
     return decode(family, trajectory.latents), trajectory

@@ -18,6 +18,7 @@ from memguard.families import FAMILIES, family_name, load_family, random_family
 from memguard.families.dit import DiT
 from memguard.families.sd3 import SD3
 from memguard.guidance import Constant, DynamicTransition
+from memguard.mitigations import SLOTS
 from memguard.runner import build_schedule, generate, run
 from memguard.sampling import generate_images
 from tests.numerics import assert_away_from_dtp_ties
@@ -132,21 +133,27 @@ def test_sdxl_null_condition_is_zeros_as_force_zeros_for_empty_prompt(families: 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_mitigation_runs_or_is_refused(families: dict, name: str, tmp_path: Path) -> None:
     """Schedules run on every family; prompt and embedding baselines need text (sd, sdxl, sd3), Ren et al.'s
-    attention baseline attn2 cross-attention (sd, sdxl)."""
+    attention baseline attn2 cross-attention (sd, sdxl); a slot naming its families (PRSS's: sd, sdxl) is refused
+    on the others."""
     family = families[name]
     sampler = "flow" if name == "sd3" else "dpm"
+    prompt = prompts_for(name)[0]
+    (paraphrases := tmp_path / "paraphrases.json").write_text(json.dumps({prompt: ["a paraphrase"]}))
+    (neurons := tmp_path / "neurons.json").write_text(json.dumps({"neurons": {prompt: {}}}))
+    needs = {"auto": ["mitigation.auto.threshold=1"], "prss_ss": [f"mitigation.embedding.paraphrases={paraphrases}"],
+             "nemo": [f"mitigation.attention.neurons={neurons}"]}  # the inputs a mitigation needs
     for mitigation in options("mitigation"):
-        cfg = compose_config([f"mitigation={mitigation}", f"sampler={sampler}", "mitigation.auto.threshold=1"]
-                             if mitigation == "auto" else [f"mitigation={mitigation}", f"sampler={sampler}"])
+        cfg = compose_config([f"mitigation={mitigation}", f"sampler={sampler}", *needs.get(mitigation, [])])
         scheduler = instantiate_checked(cfg.sampler.scheduler, "sampler.scheduler", family.scheduler.config)
         family.check_scheduler(scheduler)
         schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
         baselines = Baselines(**{key: instantiate_checked(cfg.mitigation[key], f"mitigation.{key}")
-                                 for key in ("prompt", "embedding", "attention")
-                                 if cfg.mitigation.get(key) is not None})
+                                 for key in SLOTS if cfg.mitigation.get(key) is not None})
         text = baselines.prompt is not None or baselines.embedding is not None
-        if (text and not family.text) or (baselines.attention is not None and not family.cross_attention):
-            with pytest.raises(UserError, match=rf"mitigation={mitigation} .*a {name} model"):
+        served = [slot.families for slot in vars(baselines).values() if getattr(slot, "families", None) is not None]
+        if (text and not family.text) or (baselines.attention is not None and not family.cross_attention) or \
+                any(name not in names for names in served):
+            with pytest.raises(UserError, match=rf"mitigation={mitigation}\b.*\b{name}\b"):
                 family.check_baselines(baselines, mitigation)
             continue
         family.check_baselines(baselines, mitigation)

@@ -118,6 +118,11 @@ class Branches:
         scale ``(B,)`` at sampling step ``step``."""
         raise NotImplementedError
 
+    def info(self) -> Info:
+        """Per-image side results of the batch just sampled (``{name: (B,)}``, read once after its last step and
+        recorded as a slot's ``info``); none by default."""
+        return {}
+
 
 class DenoiserHook:
     """``mitigation.attention``: edits the denoiser's modules while one batch is sampled (Ren et al.'s attention
