@@ -136,7 +136,7 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
         if branches is None:
             eps = eps_u + scales[:, k].to(guidance.dtype).view(-1, *[1] * (guidance.dim() - 1)) * guidance
         else:
-            eps = branches.combine(eps_u, eps_c, others, scales[:, k], k)
+            eps = branches.combine(eps_u, eps_c, others, scales[:, k], k, a[k])
         if callback is not None:
             callback({"step": k, "timestep": timestep_values[k], "x": latents, "eps_u": eps_u, "eps_c": eps_c,
                       "d": d[:, k], "d_raw": d_raw[:, k], "scale": scales[:, k]})

@@ -24,7 +24,8 @@ class Unchanged(Branches):
     def conditions(self, family, prompts, size):
         return [family.encode(prompts, size)]
 
-    def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int) -> Tensor:
+    def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int,
+                a: float = 1.0) -> Tensor:
         assert torch.allclose(extra[0], eps_c, atol=1e-5)
         return eps_u + scale.view(-1, 1, 1, 1) * (extra[0] - eps_u)
 

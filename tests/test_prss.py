@@ -289,11 +289,21 @@ def test_other_families_are_refused_in_one_line(tiny_components) -> None:
     with pytest.raises(UserError, match=r"^mitigation=prss_ss: mitigation.embedding serves the sd, sdxl families, "
                                         "not sd3"):
         SD3.check_baselines(Baselines(embedding=SemanticSearch(str(FIXTURE))), "prss_ss")
-    v = copy.copy(tiny_components)
-    v.scheduler = DDIMScheduler.from_config(tiny_components.scheduler.config, prediction_type="v_prediction")
-    with pytest.raises(UserError, match=r"^mitigation.branches \(PRSS\) gates on .* predicts v_prediction; "
-                                        "use an eps"):
-        PromptReanchoring().conditions(as_family(v), ["a red circle"], None)
+
+
+def test_the_gate_reads_eps_units_on_a_v_prediction_model() -> None:
+    """The loop passes the step's eps coefficient ``a``: ``r = a ||out_c - out_u||``, so a v model's thresholds
+    mean what an eps model's do; the combination itself is affine (weights summing to 1) in the raw outputs."""
+    generator = torch.Generator().manual_seed(0)
+    eps_u = torch.randn(1, 4, 8, 8, generator=generator)
+    direction = torch.randn(1, 4, 8, 8, generator=generator)
+    eps_c = eps_u + 2.0 * direction / direction.norm()  # ||eps_c - eps_u|| = 2
+    eps_o = torch.randn(1, 4, 8, 8, generator=generator)
+    cfg = eps_u + G * (eps_c - eps_u)
+    reanchor = lambda a: PromptReanchoring(target=3.0, threshold=5.0).combine(eps_u, eps_c, [eps_o],
+                                                                              torch.tensor([G]), 0, a)
+    torch.testing.assert_close(reanchor(1.0), cfg)  # r = 2 < 3: CFG
+    assert not torch.allclose(reanchor(2.0), cfg, atol=1e-3)  # r = 2 a = 4 > 3: re-anchored
 
 
 def test_sdxl_searches_and_reanchors_per_image_with_its_pooled_embeddings() -> None:

@@ -113,9 +113,12 @@ class Branches:
         ``mitigation.prompt`` rewrote them), ``size``: the image side in pixels."""
         raise NotImplementedError
 
-    def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int) -> Tensor:
+    def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int,
+                a: float = 1.0) -> Tensor:
         """The prediction to step with, from the branches' raw outputs (each ``(B, C, h, w)``) and the schedule's
-        scale ``(B,)`` at sampling step ``step``."""
+        scale ``(B,)`` at sampling step ``step``; ``a``: the step's eps coefficient (``eps_c - eps_u = a (out_c -
+        out_u)``, :meth:`memguard.families.Family.eps_coefficients`), for a method whose thresholds are in eps
+        units on a v or flow model."""
         raise NotImplementedError
 
     def info(self) -> Info:

@@ -87,19 +87,20 @@ class PromptReanchoring(Branches):
 
     def conditions(self, family: Family, prompts: Sequence[str], size: int | None) -> list[Conditions]:
         """The original prompts' conditions (a new batch: the trigger is measured again at its first step)."""
-        prediction = family.scheduler.config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise UserError(f"mitigation.branches (PRSS) gates on ||eps_c - eps_u|| in eps units, but this model "
-                            f"predicts {prediction}; use an epsilon-prediction model (SD 1.x, SD 2 base, SDXL)")
         self._triggered = self._reanchored = None
         return [family.encode(prompts, size)]
 
-    def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int) -> Tensor:
-        """Per sample: the re-anchored prediction where triggered, ``g > 1`` and ``r > target``; else CFG."""
+    def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int,
+                a: float = 1.0) -> Tensor:
+        """Per sample: the re-anchored prediction where triggered, ``g > 1`` and ``r > target``; else CFG.
+
+        The outputs are combined as they are (the combination's weights sum to 1, so for a v-prediction model the
+        combined v gives the combined eps); the gate and the trigger read ``a`` times their differences, eps
+        units, as their thresholds are."""
         (eps_o,) = extra
         if step == 0 or self._triggered is None:
-            self._start(eps_u, eps_o)
-        magnitude = self.magnitude(eps_c - eps_u, self.p)
+            self._start(eps_u, eps_o, a)
+        magnitude = self.magnitude(a * (eps_c - eps_u), self.p)
         g = scale.to(magnitude.dtype)
         fire = self._triggered & (g > 1) & (magnitude > self.target)
         self._reanchored += fire
@@ -122,12 +123,12 @@ class PromptReanchoring(Branches):
             return difference.norm(p=p).expand(len(difference))
         return difference.flatten(1).norm(p=p, dim=1)
 
-    def _start(self, eps_u: Tensor, eps_o: Tensor) -> None:
+    def _start(self, eps_u: Tensor, eps_o: Tensor, a: float = 1.0) -> None:
         """m_trigger from the first step: the original prompt's ``||eps_o - eps_u||_2`` above ``trigger``."""
         if self.trigger is None:
             self._triggered = torch.ones(len(eps_u), dtype=torch.bool, device=eps_u.device)
         else:
-            self._triggered = self.magnitude(eps_o - eps_u, 2.0) > self.trigger
+            self._triggered = self.magnitude(a * (eps_o - eps_u), 2.0) > self.trigger
         self._reanchored = torch.zeros(len(eps_u), dtype=torch.long, device=eps_u.device)
 
     def info(self) -> Info:
