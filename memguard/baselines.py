@@ -139,7 +139,9 @@ class WenSharedEmbedding:
     sets it: every seed of the run, or under ``seed_scheme=per_prompt`` the prompt's own; without it, the
     batch's seeds), so the embedding does not depend on which batch an image lands in; it is computed once per
     prompt and cached.
-    Returns, per image, its set's iterations, first and final L and whether the target was reached.
+    Returns, per image, its set's iterations, first and final L, whether the target was reached, and
+    ``unet_evals_before``: the set's forward passes per image, ``iterations + 2`` (``N`` null and ``N (iterations
+    + 1)`` conditional evaluations shared by its ``N`` images; backward passes not counted).
     """
 
     def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
@@ -199,7 +201,8 @@ class WenSharedEmbedding:
             optimizer.step()
             iterations += 1
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": current,
-                "wen_reached_target": current <= self.l_target}
+                "wen_reached_target": current <= self.l_target,
+                "unet_evals_before": iterations + 2}  # the set's forward passes, N (iterations + 2), per image
         return embedding.detach(), info
 
 

@@ -70,8 +70,12 @@ def test_wen_lowers_the_first_step_norm_or_stops_at_the_cap_and_says_so(tiny_mod
     assert first ** 2 == pytest.approx(pd.read_csv(tmp_path / "plain" / "trajectories.csv").query("step == 0").d.to_numpy(), rel=1e-4)
     assert plain["n_images"] == 4
 
+    assert (capped.unet_evals_before == 3 + 2).all()  # 1 null + 4 conditional forward passes
+    assert metrics["unet_evals_per_image"] == 2 * metrics["steps"] + 5
     done = _wen_run(tiny_model_dir, tmp_path / "done", l_target=float(first.max()) + 1)  # already below target
-    assert (done.wen_iterations == 0).all() and done.wen_reached_target.all()
+    assert (done.wen_iterations == 0).all() and done.wen_reached_target.all() and (done.unet_evals_before == 2).all()
+    shared = _wen_run(tiny_model_dir, tmp_path / "shared", 1e-6, 2, "wen_l1")  # a set's passes, per image
+    assert (shared.wen_iterations == 2).all() and (shared.unet_evals_before == 4).all()
 
 
 def test_wen_results_do_not_depend_on_batch_size(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ embedding``            before sampling, on the prompt
                        embedding; the sibling of
                        ``noise``; see :func:`memguard.
                        sampling.generate_images`)
-``mitigation.          :class:`Branches` (every step: more PRSS (prompt re-anchoring)
+``mitigation.          :class:`Branches` (every step: more PRSS (``prss``, ``prss_ss``)
 branches``             conditions in the one model call,
                        and their combination)
 ``mitigation.          :class:`DenoiserHook` (around the   Ren et al. (``ren``), NeMo (``nemo``)

@@ -47,8 +47,9 @@ def transition_groups(records: list[Record], groups: list[str | None]) -> dict[s
 
 
 def baseline_summary(records: list[Record]) -> dict[str, Any]:
-    """Means of what an embedding baseline reported per image (iterations, norms, fraction that reached the
-    target), so a baseline that stops at its iteration cap shows in metrics.json."""
+    """Means of what the mitigation's slots (:mod:`memguard.mitigations`) reported per image (iterations, norms,
+    fraction that reached the target, ``unet_evals_before``), so a method that stops at its iteration cap shows
+    in metrics.json (under ``embedding_baseline``, the name it had when the embedding was the only such slot)."""
     infos = [r.baseline for r in records if r.baseline]
     if not infos:
         return {}
