@@ -12,8 +12,8 @@ slot                   interface (called)                  methods
                        the text)
 ``mitigation.noise``   :class:`NoiseAdjustment` (once per  Han et al. (``han``, ``han_per_sample``), SAIL
                        batch, before sampling, on x_T)
-``mitigation.          ``adjust(...)`` (once per batch,    Wen et al. (``wen_l1``, ``wen_l3``, per image)
-embedding``            before sampling, on the prompt
+``mitigation.          ``adjust(...)`` (once per batch,    Wen et al. (``wen_l1``, ``wen_l3``, per image),
+embedding``            before sampling, on the prompt      PRSS's semantic search (``prss_ss``)
                        embedding; the sibling of
                        ``noise``; see :func:`memguard.
                        sampling.generate_images`)
