@@ -60,6 +60,25 @@ def test_scenario_defaults_are_the_ones_docs_protocol_lists(scenario: str, image
     assert (CONF.parent / "docs" / "protocol.md").read_text().count(f"`images_per_prompt: {images}`") >= 1
 
 
+def test_newer_mitigations_defaults_are_the_ones_docs_protocol_lists() -> None:
+    mitigation = lambda name: OmegaConf.load(CONF / "mitigation" / f"{name}.yaml")
+    han, per_sample = mitigation("han"), mitigation("han_per_sample")
+    assert (han.noise.iterations, han.noise.rho, han.noise.gamma, han.schedule.step) == (2, 50, 0.7, 4)
+    assert (per_sample.noise.lr, per_sample.noise.iterations, per_sample.noise.target) == (0.01, 1000, 0.9)
+    sail = mitigation("sail").noise
+    assert (sail.threshold, sail.budget, sail.lr, sail.max_steps, sail.pool, sail.direction) == (8.2, 8, 0.05, 10,
+                                                                                              "image", "first")
+    prss = mitigation("prss")
+    assert (prss.branches.target, prss.branches.threshold, prss.branches.gate, prss.embedding.l_target) == (3, 5,
+                                                                                                 "sample", 1)
+    assert mitigation("nemo").attention.factor == 0.0
+    rows = (CONF.parent / "docs" / "protocol.md").read_text()
+    for text in ("`mitigation.noise.iterations: 2`, `rho: 50`, `gamma: 0.7`", "`DelayedStart(step: 4)`",
+                 "`lr: 0.01`, `iterations: 1000`, `target: 0.9`", "`pool: image`", "`direction: first`",
+                 "`mitigation.branches.target: 3`, `threshold: 5`", "`gate: sample`", "`factor: 0.0`"):
+        assert text in rows, text
+
+
 def test_baseline_defaults_are_the_ones_docs_protocol_lists() -> None:
     mitigation = lambda name: OmegaConf.load(CONF / "mitigation" / f"{name}.yaml")
     assert mitigation("ren").attention.mask_branches == "both"
