@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from memguard.mitigations import Branches, DenoiserHook, NoiseAdjustment
+from memguard.mitigations import Branches, DenoiserHook, NoiseAdjustment, masked_step
 
 
 class PromptTransform:
@@ -112,10 +112,7 @@ class WenEmbeddingOptimization:
             with torch.enable_grad():  # also when the caller samples under torch.no_grad()
                 (norms * active).sum().backward()
             embedding.grad[:, 0] = 0  # the start token is not optimised (as WenSharedEmbedding)
-            frozen = embedding.detach().clone()
-            optimizer.step()
-            with torch.no_grad():  # AdamW's decay and momentum must not move images that are done
-                embedding[~active] = frozen[~active]
+            masked_step(optimizer, embedding, active)
             iterations += active
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
                 "wen_reached_target": final <= self.l_target, "unet_evals_before": iterations + 2}

@@ -146,3 +146,12 @@ class DenoiserHook:
 def repeat_rows(mask: Tensor, branches: int) -> Tensor:
     """A per-sample tensor ``(B, ...)`` repeated for a denoiser batch of ``branches`` blocks ``(branches * B, ...)``."""
     return torch.cat([mask] * branches)
+
+
+def masked_step(optimizer: torch.optim.Optimizer, param: Tensor, active: Tensor) -> None:
+    """One optimiser step on the rows of ``param`` where ``active`` (``(B,)``); the other rows are restored, so an
+    optimiser's decay and momentum never move an image that is done (per-image optimisation in a batch, as alone)."""
+    frozen = param.detach().clone()
+    optimizer.step()
+    with torch.no_grad():
+        param[~active] = frozen[~active]

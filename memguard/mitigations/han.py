@@ -40,7 +40,7 @@ from torch import Tensor
 
 from memguard.errors import UserError
 from memguard.families import join
-from memguard.mitigations import Conditions, Family, Info, NoiseAdjustment, Start
+from memguard.mitigations import Conditions, Family, Info, NoiseAdjustment, Start, masked_step
 
 UNITS = ("raw", "eps")
 
@@ -206,10 +206,7 @@ class HanPerSample(_Han):
             # 3. One AdamW step on the images still active
             (grad,) = torch.autograd.grad((norms * active[rows]).sum(), [x])
             x.grad = grad
-            frozen = x.detach().clone()
-            optimizer.step()
-            with torch.no_grad():  # AdamW's decay and momentum must not move images that are done
-                x[~active] = frozen[~active]
+            masked_step(optimizer, x, active)
             steps += active
         info = {"han_iterations": steps, "han_first_norm": first, "han_final_norm": final,
                 "han_shift_norm": _norms(x.detach() - original), "unet_evals_before": 2 * (steps + 1)}
