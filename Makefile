@@ -25,9 +25,11 @@ test: $(MG) $(RANDOM_MODEL)  ## run the test suite
 
 # torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits
 CAPABILITIES := default avx2 avx512
-# the test files whose numbers come from the networks (sampling, families, baselines, metrics, detection)
+# the test files whose numbers come from the networks (sampling, families, baselines, metrics, detection, and the
+# newer mitigations checked against references written from their authors' code)
 NUMERIC_TESTS := tests/test_sampling.py tests/test_families.py tests/test_baselines.py tests/test_guidance.py \
-	tests/test_similarity.py tests/test_metrics.py tests/test_fid_streaming.py tests/test_detection.py
+	tests/test_similarity.py tests/test_metrics.py tests/test_fid_streaming.py tests/test_detection.py \
+	tests/test_han.py tests/test_sail.py tests/test_prss.py
 
 test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability (default, avx2, avx512) in turn
 	@for cap in $(CAPABILITIES); do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
