@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from memguard.baselines import Baselines
+from memguard.families import as_family
 from memguard.guidance import Constant
 from memguard.mitigations import Branches, NoiseAdjustment, Start
 from memguard.sampling import generate_images
@@ -88,3 +89,25 @@ def test_a_run_records_the_slot_cost_per_image(tiny_model_dir: Path, tmp_path: P
     assert (rows.unet_evals_before == 7).all()
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["unet_evals_per_image"] == pytest.approx(7 + 2 * metrics["steps"])
+
+
+@pytest.mark.parametrize("overrides", [["mitigation=han_per_sample", "mitigation.noise.iterations=2", "mitigation.noise.target=null"],
+                                       ["mitigation=sail", "mitigation.noise.threshold=0", "mitigation.noise.max_rounds=1",
+                                        "mitigation.noise.max_steps=2", "mitigation.noise.budget=2"],
+                                       ["mitigation=wen_l1_per_image", "mitigation.embedding.max_iters=2",
+                                        "mitigation.embedding.l_target=1e-6"],
+                                       ["mitigation=prss", "mitigation.embedding.max_iters=2",
+                                        "mitigation.embedding.l_target=1e-6"]])
+def test_a_slot_that_optimises_also_runs_when_sampling_is_under_no_grad(tiny_components, overrides) -> None:
+    """scripts/bench_sampling.py (and any caller) may sample under torch.no_grad(): an optimisation before sampling
+    still takes its gradients."""
+    from memguard.runner import build_baselines, build_schedule
+    from tests.test_configs import compose_config
+
+    cfg = compose_config(overrides)
+    family = type(as_family(tiny_components))
+    schedule, baselines = build_schedule(cfg, 1000), build_baselines(cfg, family)
+    with torch.no_grad():
+        images, traj = generate_images(tiny_components, tiny_components.scheduler, schedule, PROMPTS, SEEDS, 2,
+                                       baselines=baselines)
+    assert torch.isfinite(images).all() and (traj.info["unet_evals_before"] > 2).all()

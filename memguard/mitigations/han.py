@@ -204,7 +204,8 @@ class HanPerSample(_Han):
             if k == self.iterations or not active.any():
                 break
             # 3. One AdamW step on the images still active
-            (grad,) = torch.autograd.grad((norms * active[rows]).sum(), [x])
+            with torch.enable_grad():  # also when the caller samples under torch.no_grad()
+                (grad,) = torch.autograd.grad((norms * active[rows]).sum(), [x])
             x.grad = grad
             masked_step(optimizer, x, active)
             steps += active

@@ -189,7 +189,8 @@ class SAIL(NoiseAdjustment):
                 taken.update(new)
                 if new and len(picks) >= wanted:
                     return Search(picks, evals, False, rounds)
-                (z.grad,) = torch.autograd.grad(loss.sum(), [z])
+                with torch.enable_grad():  # also when the caller samples under torch.no_grad()
+                    (z.grad,) = torch.autograd.grad(loss.sum(), [z])
                 optimizer.step()
             # 3. A failed round: every RAISE_EVERY-th raises the threshold and re-seeds
             if round_ % self.RAISE_EVERY == 0:
