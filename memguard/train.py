@@ -321,8 +321,9 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
 
 
 def train_from_config(cfg: Any) -> Path:
-    """``memguard train scenario=tiny`` (or ``scenario=tiny_ft train=pretrain|finetune``, the two-stage recipe in
-    conf/train/): :func:`train_tiny` with the ``dataset`` and ``train`` keys; ``train.init_from`` fine-tunes."""
+    """``memguard train scenario=tiny`` (or ``scenario=tiny_ft train=pretrain|finetune``, or ``scenario=tiny2
+    train=tiny2_pretrain|tiny2_finetune``, the two-stage recipes in conf/train/): :func:`train_tiny` with the
+    ``dataset`` and ``train`` keys; ``train.init_from`` fine-tunes."""
     from omegaconf import OmegaConf
 
     from memguard.errors import UserError, instantiate_checked
@@ -330,7 +331,7 @@ def train_from_config(cfg: Any) -> Path:
     if cfg.get("train") is None or cfg.get("dataset") is None:
         raise UserError(f"scenario={cfg.scenario.name} has no training recipe (train, dataset); "
                         "`memguard train` trains scenario=tiny, or scenario=tiny_ft with train=pretrain, then "
-                        "train=finetune")
+                        "train=finetune (scenario=tiny2: train=tiny2_pretrain, then train=tiny2_finetune)")
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
