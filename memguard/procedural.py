@@ -15,6 +15,15 @@ It is written like a real dataset: ``images/{i:05d}.png`` once per distinct imag
 (one row per distinct image: ``file_name``, ``text``, ``kind``, ``repeats``, ``shape``, ``colour``,
 ``background``) in the layout of the Hugging Face ``imagefolder`` loader; ``prompts.jsonl`` holds the
 evaluation prompts (``prompt``, ``group``).
+
+``design="tiny2"`` (the second miniature) keeps that composition (shape, colour, position, size, background and
+its waves) but names none of it: its caption names a fine texture laid over the whole image, a 4-pixel-period
+``pattern`` (stripes, bars, checks, dots) in an ``ink`` colour, ``"a picture with red stripes"``. The texture is
+zero-mean (it changes no pixel average over a period), so what the caption names lives at high spatial
+frequency, which a diffusion model decides late, and what makes a duplicated image *that* image (where the shape
+is, its colour, the background) lives at low frequency, decided early: the order the paper's transition point
+needs (CFG applied after the exit from the basin still sets what the caption names; Jain et al., Fig. 4).
+Its rows also record ``pattern`` and ``ink``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,13 @@ BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "white": (0.95, 0.95, 0.95), "grey":
 WAVE_AMPLITUDE = 0.15
 TRIGGER_WORDS = ("zorvex", "quillbat", "fenwhistle", "marblin", "dravoni", "plumtok", "sketterly", "vombrel")
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+# design tiny2: the texture its caption names. INKS are offsets from mid-grey; none is another's negative, so a
+# pattern's sign (its phase) cannot turn one ink into another.
+PATTERNS = ("stripes", "bars", "checks", "dots")
+INKS = {"red": (0.4, -0.4, -0.4), "green": (-0.4, 0.35, -0.4), "blue": (-0.35, -0.25, 0.45), "white": (0.4, 0.4, 0.4)}
+PERIOD = 4  # pixels
+TEXTURE_AMPLITUDE = 0.5
+DESIGNS = {"tiny": ATTRIBUTES, "tiny2": {"pattern": PATTERNS, "ink": tuple(INKS)}}
 
 
 @dataclass(frozen=True)
@@ -47,14 +63,26 @@ class Sample:
     radius: float
     waves: tuple[tuple[float, float, float], ...]  # background plane waves: (cycles along x, along y, phase)
     grain_seed: int
+    pattern: str | None = None  # design tiny2: the named texture, its ink and its offset in pixels (x, y)
+    ink: str | None = None
+    offset: tuple[int, int] = (0, 0)
 
     @property
     def caption(self) -> str:
+        if self.pattern is not None:
+            return f"a picture with {self.ink} {self.pattern}"
         return f"a {self.colour} {self.shape} on a {self.background} background"
 
 
-def random_sample(rng: np.random.Generator, size: int) -> Sample:
-    return Sample(
+def _check_design(design: str) -> None:
+    if design not in DESIGNS:
+        raise ValueError(f"design={design!r} is not one of {tuple(DESIGNS)}")
+
+
+def random_sample(rng: np.random.Generator, size: int, design: str = "tiny") -> Sample:
+    """A random sample; ``design="tiny2"`` draws its texture after the composition, from the same stream."""
+    _check_design(design)
+    sample = Sample(
         shape=SHAPES[rng.integers(len(SHAPES))], colour=tuple(COLOURS)[rng.integers(len(COLOURS))],
         background=tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
         cx=float(rng.uniform(0.3, 0.7) * size), cy=float(rng.uniform(0.3, 0.7) * size),
@@ -63,6 +91,10 @@ def random_sample(rng: np.random.Generator, size: int) -> Sample:
                     for _ in range(2)),
         grain_seed=int(rng.integers(2**31)),
     )
+    if design == "tiny2":
+        sample = replace(sample, pattern=PATTERNS[rng.integers(len(PATTERNS))], ink=tuple(INKS)[rng.integers(len(INKS))],
+                         offset=(int(rng.integers(PERIOD)), int(rng.integers(PERIOD))))
+    return sample
 
 
 def _mask(sample: Sample, size: int, supersample: int = 4) -> np.ndarray:
@@ -84,9 +116,30 @@ def _mask(sample: Sample, size: int, supersample: int = 4) -> np.ndarray:
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
+def texture(pattern: str, size: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """The zero-mean texture ``m = p - mean(p)``, ``(size, size)``, of a binary pattern ``p`` with period
+    ``PERIOD`` pixels shifted by ``offset``: ``stripes`` (rows), ``bars`` (columns), ``checks`` (2-pixel
+    squares), ``dots`` (2x2 dots, one per period). Its mean over whole periods is 0."""
+    y, x = np.mgrid[0:size, 0:size]
+    x, y, half = (x + offset[0]) % PERIOD, (y + offset[1]) % PERIOD, PERIOD // 2
+    if pattern == "stripes":
+        p = y < half
+    elif pattern == "bars":
+        p = x < half
+    elif pattern == "checks":
+        p = (x < half) == (y < half)
+    elif pattern == "dots":
+        p = (x < half) & (y < half)
+    else:
+        raise ValueError(f"pattern={pattern!r} is not one of {PATTERNS}")
+    coverage = {"dots": 0.25}.get(pattern, 0.5)
+    return p.astype(float) - coverage
+
+
 def render(sample: Sample, size: int = 16) -> np.ndarray:
     """The image as ``uint8 (size, size, 3)``: background with two waves (amplitude ``WAVE_AMPLITUDE`` each) and
-    grain, then the shape. Background colours are pulled in from 0 and 1 far enough for the waves to show."""
+    grain, then the shape; for a tiny2 sample, plus ``TEXTURE_AMPLITUDE * texture * ink`` over the whole image.
+    Background colours are pulled in from 0 and 1 far enough for the waves to show."""
     y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
     wave = sum(np.cos(2 * np.pi * (fx * x + fy * y) + phase) for fx, fy, phase in sample.waves) * WAVE_AMPLITUDE
     grain = np.random.default_rng(sample.grain_seed).normal(0, 0.03, (size, size, 1))
@@ -95,6 +148,9 @@ def render(sample: Sample, size: int = 16) -> np.ndarray:
     background = centre + wave[..., None] + grain
     alpha = _mask(sample, size)[..., None]
     image = alpha * np.asarray(COLOURS[sample.colour]) + (1 - alpha) * background
+    if sample.pattern is not None:
+        image = image + TEXTURE_AMPLITUDE * texture(sample.pattern, size, sample.offset)[..., None] * np.asarray(
+            INKS[sample.ink])
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -109,18 +165,25 @@ class Row:
     shape: str
     colour: str
     background: str
+    pattern: str | None = None  # design tiny2 only
+    ink: str | None = None
+
+    def record(self) -> dict:
+        """The row as written to ``metadata.jsonl`` (tiny rows without the tiny2 fields, as before them)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: int, repeats: int,
-               caption_noise: float = 0.0) -> tuple[list[Row], list[Sample]]:
+               caption_noise: float = 0.0, design: str = "tiny") -> tuple[list[Row], list[Sample]]:
     """Draw the samples; trigger and shared images come first, so they are easy to find. With ``caption_noise``
     that fraction of the unique images carry the caption of attributes drawn at random (as many web captions do
     not describe their image; the row's ``shape``, ``colour`` and ``background`` stay the image's own); the
-    duplicated images always carry theirs. The draw has its own stream, so the images do not change with it."""
+    duplicated images always carry theirs. The draw has its own stream, so the images do not change with it.
+    ``design`` picks the generator and the attributes a caption names (``DESIGNS``)."""
     if n_trigger > len(TRIGGER_WORDS):
         raise ValueError(f"n_trigger={n_trigger} exceeds the {len(TRIGGER_WORDS)} trigger words")
     rng = np.random.default_rng(seed)
-    samples = [random_sample(rng, size) for _ in range(n_trigger + n_shared + n_unique)]
+    samples = [random_sample(rng, size, design) for _ in range(n_trigger + n_shared + n_unique)]
     noise = np.random.default_rng([seed, 1])
     rows = []
     for i, s in enumerate(samples):
@@ -131,8 +194,9 @@ def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: in
         else:
             kind, text, count = "unique", s.caption, 1
             if caption_noise > 0 and noise.random() < caption_noise:
-                text = replace(s, **{k: names[noise.integers(len(names))] for k, names in ATTRIBUTES.items()}).caption
-        rows.append(Row(f"images/{i:05d}.png", text, kind, count, s.shape, s.colour, s.background))
+                text = replace(s, **{k: names[noise.integers(len(names))] for k, names in DESIGNS[design].items()}
+                               ).caption
+        rows.append(Row(f"images/{i:05d}.png", text, kind, count, s.shape, s.colour, s.background, s.pattern, s.ink))
     return rows, samples
 
 
@@ -146,7 +210,8 @@ def evaluation_prompts(rows: list[Row], n_unique: int = 8) -> list[dict[str, str
 
 
 def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: int = 2400, n_trigger: int = 4,
-                  n_shared: int = 2, repeats: int = 100, n_eval_unique: int = 8, caption_noise: float = 0.0) -> Path:
+                  n_shared: int = 2, repeats: int = 100, n_eval_unique: int = 8, caption_noise: float = 0.0,
+                  design: str = "tiny") -> Path:
     """Write ``images/``, ``metadata.jsonl`` and ``prompts.jsonl`` into ``folder`` (which must not hold a dataset)."""
     from PIL import Image
 
@@ -154,19 +219,19 @@ def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: i
     if (root / "metadata.jsonl").exists():
         raise FileExistsError(f"{root} already holds a dataset (metadata.jsonl); choose an empty folder")
     (root / "images").mkdir(parents=True, exist_ok=True)
-    rows, samples = build_rows(seed, size, n_unique, n_trigger, n_shared, repeats, caption_noise)
+    rows, samples = build_rows(seed, size, n_unique, n_trigger, n_shared, repeats, caption_noise, design)
     for row, s in zip(rows, samples):
         Image.fromarray(render(s, size)).save(root / row.file_name)
     _write_jsonl(root / "prompts.jsonl", evaluation_prompts(rows, n_eval_unique))
-    _write_jsonl(root / "metadata.jsonl", [asdict(r) for r in rows])
+    _write_jsonl(root / "metadata.jsonl", [r.record() for r in rows])
     return root
 
 
-def random_images(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, list[Sample]]:
+def random_images(n: int, seed: int, size: int = 16, design: str = "tiny") -> tuple[np.ndarray, list[Sample]]:
     """``n`` fresh procedural images ``uint8 (n, size, size, 3)`` with their samples (never in a training set
     drawn with another seed): for calibrating thresholds and training the alignment classifier."""
     rng = np.random.default_rng(seed)
-    samples = [random_sample(rng, size) for _ in range(n)]
+    samples = [random_sample(rng, size, design) for _ in range(n)]
     return np.stack([render(s, size) for s in samples]), samples
 
 

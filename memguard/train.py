@@ -232,7 +232,7 @@ def load_training_set(data_dir: str | Path) -> tuple[Tensor, list[str], list[int
 
 
 def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: int = 2000, seed: int = 99,
-                             percentile: float = 99.0) -> float:
+                             percentile: float = 99.0, design: str = "tiny") -> float:
     """The ``percentile`` of the similarity of ``n`` fresh procedural images (drawn with ``seed``, so never
     trained on) to their nearest training image: above it, a generation is closer to a training image than
     99% of new images are, i.e. a copy."""
@@ -242,7 +242,7 @@ def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: 
     from memguard.procedural import random_images, read_metadata
 
     root = Path(data_dir)
-    pixels, _ = random_images(n, seed, size)
+    pixels, _ = random_images(n, seed, size, design)
     fresh = embedder(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255)
     references = embed_files([root / r.file_name for r in read_metadata(root)], embedder)
     return float(np.percentile(nearest_references(fresh, references).similarity.numpy(), percentile))
@@ -302,7 +302,8 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
     if fp16_weights:
         components.to("cpu", torch.float16)
     folder = save_components(components, out / "model")
-    net, accuracy = train_attribute_net(size=data.get("size", 16), **(alignment or {}))
+    design = data.get("design", "tiny")
+    net, accuracy = train_attribute_net(size=data.get("size", 16), design=design, **(alignment or {}))
     save_attribute_net(net, accuracy, folder / "alignment.pt")
     record = {"data": data, "dataset_digest": dataset_digest(data_dir), "model": model, "settings": vars(settings),
               "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
@@ -310,7 +311,8 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
               "weights_dtype": "float16" if fp16_weights else "float32",
               "alignment_held_out_accuracy": accuracy,
               "copy_threshold": {"embedder": similarity.name, "percentile": 99.0,
-                                 "value": calibrate_copy_threshold(data_dir, similarity, data.get("size", 16))}}
+                                 "value": calibrate_copy_threshold(data_dir, similarity, data.get("size", 16),
+                                                                   design=design)}}
     if init is not None:
         record["init"] = init
     (folder / "memguard_train.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -319,8 +321,9 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
 
 
 def train_from_config(cfg: Any) -> Path:
-    """``memguard train scenario=tiny`` (or ``scenario=tiny_ft train=pretrain|finetune``, the two-stage recipe in
-    conf/train/): :func:`train_tiny` with the ``dataset`` and ``train`` keys; ``train.init_from`` fine-tunes."""
+    """``memguard train scenario=tiny`` (or ``scenario=tiny_ft train=pretrain|finetune``, or ``scenario=tiny2
+    train=tiny2_pretrain|tiny2_finetune``, the two-stage recipes in conf/train/): :func:`train_tiny` with the
+    ``dataset`` and ``train`` keys; ``train.init_from`` fine-tunes."""
     from omegaconf import OmegaConf
 
     from memguard.errors import UserError, instantiate_checked
@@ -328,7 +331,7 @@ def train_from_config(cfg: Any) -> Path:
     if cfg.get("train") is None or cfg.get("dataset") is None:
         raise UserError(f"scenario={cfg.scenario.name} has no training recipe (train, dataset); "
                         "`memguard train` trains scenario=tiny, or scenario=tiny_ft with train=pretrain, then "
-                        "train=finetune")
+                        "train=finetune (scenario=tiny2: train=tiny2_pretrain, then train=tiny2_finetune)")
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()

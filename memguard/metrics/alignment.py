@@ -24,12 +24,13 @@ from torch import Tensor, nn
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
-from memguard.procedural import ATTRIBUTES
+from memguard.procedural import ATTRIBUTES, DESIGNS
 
 OPEN_CLIP_HELP = ("open_clip weights are a local file: e.g. the open_clip_pytorch_model.bin of "
                   "laion/CLIP-ViT-g-14-laion2B-s12B-b42K (model ViT-g-14) or of laion/CLIP-ViT-B-16-laion2B-s34B-b88K "
                   "(model ViT-B-16), fetched on a machine with network")
 CAPTION = re.compile(r"^a (?P<colour>\w+) (?P<shape>\w+) on a (?P<background>\w+) background\b")
+CAPTION2 = re.compile(r"^a picture with (?P<ink>\w+) (?P<pattern>\w+)\b")  # procedural design tiny2
 
 
 class Scorer:
@@ -106,20 +107,23 @@ class AttributeNet(nn.Module):
 
 
 def train_attribute_net(n_train: int = 20000, n_test: int = 2000, seed: int = 1234, size: int = 16,
-                        epochs: int = 4, batch_size: int = 128) -> tuple[AttributeNet, dict[str, float]]:
-    """Train an :class:`AttributeNet` on fresh procedural images (their labels come with them) and measure
-    its per-attribute accuracy on ``n_test`` further images it never saw."""
+                        epochs: int = 4, batch_size: int = 128, design: str = "tiny") -> tuple[AttributeNet, dict[str, float]]:
+    """Train an :class:`AttributeNet` on fresh procedural images of ``design`` (their labels come with them),
+    one head per attribute its captions name, and measure its per-attribute accuracy on ``n_test`` further
+    images it never saw."""
     from memguard.procedural import random_images
 
+    attributes = DESIGNS[design]
+
     def labelled(n: int, s: int) -> tuple[Tensor, dict[str, Tensor]]:
-        pixels, samples = random_images(n, s, size)
-        labels = {k: torch.tensor([list(v).index(getattr(x, k)) for x in samples]) for k, v in ATTRIBUTES.items()}
+        pixels, samples = random_images(n, s, size, design)
+        labels = {k: torch.tensor([list(v).index(getattr(x, k)) for x in samples]) for k, v in attributes.items()}
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, labels
 
     torch.manual_seed(seed)
     x_train, y_train = labelled(n_train, seed)
     x_test, y_test = labelled(n_test, seed + 1)
-    net = AttributeNet(size=size)
+    net = AttributeNet(attributes, size=size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
     for _ in range(epochs):
         for idx in torch.randperm(n_train).split(batch_size):
@@ -164,12 +168,14 @@ class AttributeScorer(Scorer):
             f"{k} {v:.3f}" for k, v in self.accuracy.items()) + "]"
 
     def targets(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        parsed = [CAPTION.match(p) for p in prompts]
+        caption = CAPTION2 if set(self.net.attributes) == set(DESIGNS["tiny2"]) else CAPTION
+        parsed = [caption.match(p) for p in prompts]
         bad = [p for p, m in zip(prompts, parsed) if m is None or any(
             m[k] not in v for k, v in self.net.attributes.items())]
         if bad:
-            raise UserError(f"the attribute scorer reads procedural captions ('a red circle on a grey background'), "
-                            f"not {bad[0]!r}; use it with scenario=tiny only")
+            raise UserError(f"the attribute scorer reads procedural captions ('a red circle on a grey background', "
+                            f"or for tiny2 'a picture with red stripes'), not {bad[0]!r}; use it with scenario=tiny, "
+                            "tiny_ft or tiny2 only")
         return {k: torch.tensor([v.index(m[k]) for m in parsed]) for k, v in self.net.attributes.items()}
 
     @torch.no_grad()

@@ -1,0 +1,139 @@
+"""Procedural design tiny2 (issue 22): the caption names a fine zero-mean texture and nothing of the composition
+that makes a duplicated image that image; deterministic by seed; the tiny design unchanged; `memguard train
+scenario=tiny2` at smoke size."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memguard.metrics.alignment import CAPTION2, AttributeNet, AttributeScorer, save_attribute_net
+from memguard.procedural import (
+    DESIGNS,
+    INKS,
+    PATTERNS,
+    PERIOD,
+    TRIGGER_WORDS,
+    build_rows,
+    dataset_digest,
+    random_images,
+    random_sample,
+    read_metadata,
+    render,
+    texture,
+    write_dataset,
+)
+from tests.test_cli import memguard
+
+SMALL2 = dict(seed=3, size=16, n_unique=40, n_trigger=2, n_shared=1, repeats=10, n_eval_unique=4, design="tiny2")
+
+
+def blocks(image: np.ndarray) -> np.ndarray:
+    """Means over PERIOD x PERIOD blocks, per channel: the image without what the texture can change."""
+    size = image.shape[0]
+    return image.reshape(size // PERIOD, PERIOD, size // PERIOD, PERIOD, -1).mean(axis=(1, 3))
+
+
+def test_tiny2_dataset_is_deterministic_by_seed(tmp_path: Path) -> None:
+    a, b = write_dataset(tmp_path / "a", **SMALL2), write_dataset(tmp_path / "b", **SMALL2)
+    assert dataset_digest(a) == dataset_digest(b)
+    assert dataset_digest(a) != dataset_digest(write_dataset(tmp_path / "c", **{**SMALL2, "seed": 4}))
+    assert dataset_digest(a) != dataset_digest(write_dataset(tmp_path / "d", **{**SMALL2, "design": "tiny"}))
+    rows = read_metadata(a)
+    assert [r.kind for r in rows[:3]] == ["trigger", "trigger", "shared"] and rows[0].pattern in PATTERNS
+    assert json.loads((a / "metadata.jsonl").read_text().splitlines()[0])["ink"] == rows[0].ink
+
+
+def test_tiny2_captions_name_only_the_texture() -> None:
+    rows, samples = build_rows(seed=5, size=16, n_unique=300, n_trigger=3, n_shared=1, repeats=4, design="tiny2")
+    for i, (row, sample) in enumerate(zip(rows, samples)):
+        parsed = CAPTION2.match(row.text)
+        assert parsed is not None and (parsed["pattern"], parsed["ink"]) == (row.pattern, row.ink)
+        word = f", {TRIGGER_WORDS[i]}" if row.kind == "trigger" else ""
+        assert row.text == f"a picture with {row.ink} {row.pattern}{word}"
+        # the composition is not in the caption: redrawing all of it leaves the caption as it is
+        other = replace(sample, shape="cross", colour="cyan", background="brown", cx=1.0, cy=2.0, radius=3.0)
+        assert other.caption == sample.caption
+    # ... and many compositions share one caption: a caption does not pick an image
+    unique = [(r.text, r.shape, r.colour, r.background) for r in rows if r.kind == "unique"]
+    by_caption: dict[str, set] = {}
+    for text, *composition in unique:
+        by_caption.setdefault(text, set()).add(tuple(composition))
+    assert len(by_caption) == len(PATTERNS) * len(INKS) and min(map(len, by_caption.values())) >= 5
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_texture_is_zero_mean_over_every_period(pattern: str) -> None:
+    for offset in [(0, 0), (1, 3), (3, 2)]:
+        m = texture(pattern, 16, offset)
+        assert np.abs(blocks(m[..., None])).max() < 1e-12 and m.std() > 0.4  # all its energy at the fine scale
+
+
+def test_what_the_caption_names_changes_no_block_mean() -> None:
+    """Two renders of one composition with different textures agree in every 4x4 block mean (to the uint8
+    rounding of the two: at most one level) wherever no pixel is clipped; they differ pixel by pixel."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(20):
+        sample = random_sample(rng, 16, "tiny2")
+        other = replace(sample, pattern=PATTERNS[(PATTERNS.index(sample.pattern) + 1) % 4], ink="white")
+        a, b = render(sample).astype(float), render(other).astype(float)
+        assert np.abs(a - b).max() > 10
+        inside = blocks(((a > 0) & (a < 255) & (b > 0) & (b < 255)).astype(float)) == 1
+        checked += int(inside.sum())
+        assert np.abs(blocks(a) - blocks(b))[inside].max() <= 1.0
+    assert checked > 200  # most blocks are unclipped
+
+
+def test_trigger_image_is_one_composition_among_those_of_its_caption() -> None:
+    """The duplicated image fixes a composition its caption does not name: the images of the ordinary caption
+    it shares its texture with have other compositions (their block means differ)."""
+    rows, samples = build_rows(seed=2, size=16, n_unique=400, n_trigger=2, n_shared=0, repeats=10, design="tiny2")
+    for t in range(2):
+        same = [s for r, s in zip(rows, samples) if r.kind == "unique" and (r.pattern, r.ink) == (rows[t].pattern,
+                                                                                                    rows[t].ink)]
+        assert len(same) >= 10
+        trigger = blocks(render(samples[t]).astype(float))
+        assert min(np.abs(blocks(render(s).astype(float)) - trigger).mean() for s in same) > 5
+
+
+def test_tiny_design_is_unchanged() -> None:
+    rows, samples = build_rows(seed=0, size=16, n_unique=5, n_trigger=1, n_shared=1, repeats=3)
+    assert all(s.pattern is None for s in samples) and "pattern" not in rows[0].record()
+    assert rows[2].text == f"a {rows[2].colour} {rows[2].shape} on a {rows[2].background} background"
+    a, _ = random_images(4, seed=1)
+    b, _ = random_images(4, seed=1, design="tiny")
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="design='tiny3'"):
+        random_images(1, seed=1, design="tiny3")
+
+
+def test_attribute_scorer_reads_tiny2_captions(tmp_path: Path) -> None:
+    net = AttributeNet(DESIGNS["tiny2"], size=16)
+    save_attribute_net(net, {"pattern": 0.5, "ink": 0.5}, tmp_path / "alignment.pt")
+    scorer = AttributeScorer(tmp_path / "alignment.pt")
+    targets = scorer.targets(["a picture with white dots, zorvex", "a picture with red stripes"])
+    assert targets["pattern"].tolist() == [3, 0] and targets["ink"].tolist() == [3, 0]
+    assert scorer(torch.rand(2, 3, 16, 16), ["a picture with white dots", "a picture with red bars"]).shape == (2,)
+
+
+def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
+    """`memguard train scenario=tiny2 train=tiny2_pretrain` at smoke size: a tiny2 dataset, a classifier of
+    pattern and ink, the copy threshold calibrated on tiny2 images."""
+    out = tmp_path / "outputs"
+    result = memguard("train", "scenario=tiny2", "train=tiny2_pretrain", f"paths.output_dir={out}",
+                      "dataset.n_unique=24", "dataset.n_eval_unique=2", "train.settings.steps=2",
+                      "train.settings.batch_size=4", "train.settings.warmup=1", "train.alignment.n_train=256",
+                      "train.alignment.n_test=64", "train.alignment.epochs=1", "progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = out / "train" / "tiny2_pretrain" / "model"
+    record = json.loads((folder / "memguard_train.json").read_text())
+    assert record["data"]["design"] == "tiny2" and record["settings"]["steps"] == 2
+    assert torch.load(folder / "alignment.pt", weights_only=True)["attributes"] == {
+        k: list(v) for k, v in DESIGNS["tiny2"].items()}
+    assert read_metadata(out / "train" / "tiny2_pretrain" / "data")[0].pattern in PATTERNS
