@@ -219,9 +219,10 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
     order: ``noise`` adjusts x_T; ``embedding`` (Wen et al.'s) replaces the prompt's conditions, seeing the first
     step's scaled model input (``adjust(model, x_in, t, cond, uncond, prompts=, seeds=, model_input=)``, where
     ``model_input(seeds)`` is any seeds' first input, for image sets); ``branches`` adds conditions the loop
-    evaluates and combines (its ``info()`` joins the slots' info after sampling); ``attention`` hooks the denoiser's modules while the batch is sampled. ``trajectory``:
-    see :func:`sample` (a hook or extra branches make it ``full``). The slots' per-image ``info`` is the
-    trajectory's ``info``."""
+    evaluates and combines (its ``info()`` joins the slots' info after sampling); ``attention`` hooks the
+    denoiser's modules while the batch is sampled. ``trajectory``: see :func:`sample` (a hook or extra branches
+    make it ``full``). The slots' per-image ``info`` is the trajectory's ``info`` (their ``unet_evals_before``
+    summed)."""
     from memguard.baselines import Baselines
     from memguard.mitigations import Start
 
@@ -245,7 +246,8 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
 
         cond, adjusted = baselines.embedding(family, start.model_input(noise * start.sigma), start.t, cond, uncond,
                                              prompts=list(prompts), seeds=list(seeds), model_input=model_input)
-        info.update(adjusted)
+        for key, value in adjusted.items():  # a cost is summed over the slots, anything else reported as it is
+            info[key] = info[key] + value if key == "unet_evals_before" and key in info else value
     extra = [] if baselines.branches is None else baselines.branches.conditions(
         family, list(original or prompts), resolution or family.default_resolution)
     installed = nullcontext() if baselines.attention is None else \

@@ -65,6 +65,10 @@ def test_a_noise_adjustment_is_applied_per_image(tiny_components) -> None:
     alone, _ = _images(tiny_components, Baselines(noise=Shift(0.5)), PROMPTS[1:], SEEDS[1:])
     assert torch.allclose(moved[1], alone[0], atol=1e-5)  # per image: the same alone as in a batch
     assert traj.info["unet_evals_before"].tolist() == [7, 7]
+    from memguard.baselines import WenEmbeddingOptimization
+
+    both = Baselines(noise=Shift(0.5), embedding=WenEmbeddingOptimization(l_target=1e9, max_iters=0))
+    assert _images(tiny_components, both)[1].info["unet_evals_before"].tolist() == [7 + 2, 7 + 2]  # costs add up
 
 
 def test_a_slot_for_other_families_is_refused_in_one_line() -> None:
