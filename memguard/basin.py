@@ -150,7 +150,8 @@ def basin(cfg) -> dict:
     from memguard.errors import UserError, instantiate_checked
     from memguard.evaluate import STAGES, planned_stages, reference_files
     from memguard.families import family_class, load_family
-    from memguard.runner import DTYPES, build_scheduler, check_settings, resolve_sampler
+    from memguard.protocol import resolve_sampler
+    from memguard.runner import DTYPES, build_scheduler, check_settings
     from memguard.runs.folder import Record, read_record, update_metrics, write_image
     from memguard.runs.prompts import load_prompts, load_seeds
     from memguard.sampling import decode, prepare_batch

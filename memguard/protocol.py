@@ -1,4 +1,6 @@
-"""``+protocol=authors``: a baseline under its authors' sampler and dtype (``conf/protocol/authors.yaml``).
+"""Which sampler (and dtype) a run uses: ``sampler=auto`` (:func:`resolve_sampler`) and ``+protocol=authors``
+(:func:`apply_protocol`), a baseline under its authors' sampler and dtype (``conf/protocol/authors.yaml``). Both
+put a ``conf/sampler/NAME.yaml`` with the run's steps into ``cfg.sampler`` (:func:`sampler_node`).
 
 The paper runs every row under one protocol (DPM-Solver++, 50 steps); memguard's default follows it. The
 authors' own code runs their method under another sampler and dtype; ``protocol.mitigations.<name>`` names them
@@ -9,13 +11,44 @@ what ran. A mitigation the protocol does not list is left as it is.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import memguard
 from memguard.errors import UserError
 
+if TYPE_CHECKING:
+    from memguard.families import Family
+
 log = logging.getLogger(__name__)
+
+
+def sampler_file(name: str) -> Path:
+    return memguard.ROOT / "conf" / "sampler" / f"{name}.yaml"
+
+
+def sampler_node(name: str, steps: int) -> DictConfig:
+    """``conf/sampler/NAME.yaml`` with ``steps`` (the run's)."""
+    node = OmegaConf.load(sampler_file(name))
+    node.steps = steps
+    return node
+
+
+def resolve_sampler(cfg: DictConfig, family: type[Family]) -> None:
+    """``sampler=auto``: ``cfg.sampler`` becomes the family's own sampler (``conf/sampler/<family.sampler>.yaml``:
+    DPM-Solver++ for eps and v models, flow-matching Euler for flow models) with the run's ``steps`` and any
+    ``scheduler`` keys given, and the choice is logged; config.yaml then records it. A named sampler is kept."""
+    if cfg.sampler.name != "auto":
+        return
+    chosen = sampler_node(family.sampler, cfg.sampler.steps)
+    extra = {k: v for k, v in OmegaConf.to_container(cfg.sampler.scheduler).items() if k != "_target_"}
+    chosen.scheduler = OmegaConf.merge(chosen.scheduler, extra)
+    with open_dict(cfg):
+        cfg.sampler = chosen
+    log.info("sampler=auto: %s (%s, %d steps), the sampler of a %s model; name another with sampler=NAME",
+             chosen.name, chosen.scheduler._target_.split(".")[1], chosen.steps, family.name)
 
 
 def apply_protocol(cfg: DictConfig, v_prediction: bool) -> None:
@@ -30,11 +63,9 @@ def apply_protocol(cfg: DictConfig, v_prediction: bool) -> None:
                  cfg.mitigation.name, cfg.sampler.name, cfg.dtype)
         return
     name = entry.get("sampler_v") if v_prediction and entry.get("sampler_v") else entry.sampler
-    file = memguard.ROOT / "conf" / "sampler" / f"{name}.yaml"
-    if not file.is_file():
+    if not sampler_file(name).is_file():
         raise UserError(f"protocol.mitigations.{cfg.mitigation.name}.sampler={name} is not a sampler in conf/sampler/")
-    chosen = OmegaConf.load(file)
-    chosen.steps = cfg.sampler.steps
+    chosen = sampler_node(name, cfg.sampler.steps)
     with open_dict(cfg):
         cfg.sampler = chosen
         cfg.dtype = entry.get("dtype", cfg.dtype)

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-import memguard
 from memguard.baselines import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
@@ -41,7 +40,7 @@ from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.mitigations import SLOTS
-from memguard.protocol import apply_protocol
+from memguard.protocol import apply_protocol, resolve_sampler
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import (
     baseline_summary,
@@ -99,21 +98,6 @@ def build_baselines(cfg: DictConfig, family: type[Family]) -> Baselines:
                              for key in SLOTS if cfg.mitigation.get(key) is not None})
     family.check_baselines(baselines, cfg.mitigation.name)
     return baselines
-
-
-def resolve_sampler(cfg: DictConfig, family: type[Family]) -> None:
-    """``sampler=auto``: ``cfg.sampler`` becomes the family's own sampler (``conf/sampler/<family.sampler>.yaml``:
-    DPM-Solver++ for eps and v models, flow-matching Euler for flow models) with the run's ``steps`` and any
-    ``scheduler`` keys given, and the choice is logged; config.yaml then records it. A named sampler is kept."""
-    if cfg.sampler.name != "auto":
-        return
-    chosen = OmegaConf.load(memguard.ROOT / "conf" / "sampler" / f"{family.sampler}.yaml")
-    extra = {k: v for k, v in OmegaConf.to_container(cfg.sampler.scheduler).items() if k != "_target_"}
-    chosen.steps, chosen.scheduler = cfg.sampler.steps, OmegaConf.merge(chosen.scheduler, extra)
-    with open_dict(cfg):
-        cfg.sampler = chosen
-    log.info("sampler=auto: %s (%s, %d steps), the sampler of a %s model; name another with sampler=NAME",
-             chosen.name, chosen.scheduler._target_.split(".")[1], chosen.steps, family.name)
 
 
 def build_scheduler(cfg: DictConfig, model_scheduler: SchedulerMixin) -> SchedulerMixin:

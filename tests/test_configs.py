@@ -116,7 +116,7 @@ def test_table_experiments_sweep_exactly_their_tables_rows(number: int) -> None:
 @pytest.mark.parametrize(("family", "chosen"), [("sd", "dpm"), ("sdxl", "dpm"), ("dit", "dpm"), ("sd3", "flow")])
 def test_sampler_auto_becomes_the_family_sampler_with_the_runs_steps_and_keys(family: str, chosen: str) -> None:
     from memguard.families import _family_class
-    from memguard.runner import resolve_sampler
+    from memguard.protocol import resolve_sampler
 
     cfg = compose_config(["sampler.steps=7", "+sampler.scheduler.solver_order=3"] if chosen == "dpm" else
                          ["sampler.steps=7"])
