@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from memguard.mitigations import Branches, DenoiserHook, NoiseAdjustment, masked_step
+from memguard.mitigations import Branches, DenoiserHook, NoiseAdjustment, masked_step, select_rows
 
 
 class PromptTransform:
@@ -164,7 +164,7 @@ class WenSharedEmbedding:
             image_set = list(self.image_set(seeds[i]) if self.image_set is not None else seeds)
             key = (prompt, tuple(image_set), float(t), tuple(x_in.shape[1:]))
             if key not in self._cache:
-                one = {k: v[i : i + 1] for k, v in cond.items()}, {k: v[i : i + 1] for k, v in uncond.items()}
+                one = select_rows(cond, slice(i, i + 1)), select_rows(uncond, slice(i, i + 1))
                 self._cache[key] = self.optimise(model, model_input(image_set), t, *one)
             rows.append(self._cache[key][0])
             infos.append(self._cache[key][1])

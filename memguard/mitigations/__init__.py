@@ -143,6 +143,12 @@ class DenoiserHook:
         raise NotImplementedError
 
 
+def select_rows(conditions: Conditions, index: Tensor | slice) -> Conditions:
+    """The conditions of some samples of a batch: each tensor indexed by ``index`` (a mask, indices, or a slice,
+    e.g. ``slice(i, i + 1)`` for sample ``i`` alone)."""
+    return {key: value[index] for key, value in conditions.items()}
+
+
 def repeat_rows(mask: Tensor, branches: int) -> Tensor:
     """A per-sample tensor ``(B, ...)`` repeated for a denoiser batch of ``branches`` blocks ``(branches * B, ...)``."""
     return torch.cat([mask] * branches)

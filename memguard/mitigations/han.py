@@ -40,7 +40,7 @@ from torch import Tensor
 
 from memguard.errors import UserError
 from memguard.families import join
-from memguard.mitigations import Conditions, Family, Info, NoiseAdjustment, Start, masked_step
+from memguard.mitigations import Conditions, Family, Info, NoiseAdjustment, Start, masked_step, select_rows
 
 UNITS = ("raw", "eps")
 
@@ -81,10 +81,6 @@ def _check_eps_units(units: str, start: Start) -> None:
     if units == "eps" and start.a == 0:
         raise UserError("mitigation.noise.units=eps: the model's output carries no eps at the first timestep "
                         "(a_T = 0: flow matching at sigma = 1, or a zero-terminal-SNR schedule); use units=raw")
-
-
-def _rows(conditions: Conditions, index: Tensor) -> Conditions:
-    return {key: value[index] for key, value in conditions.items()}
 
 
 class _Han(NoiseAdjustment):
@@ -193,7 +189,7 @@ class HanPerSample(_Han):
             # 1. The loss of the images still optimised (the others are not evaluated again)
             rows = active.nonzero().squeeze(1)
             with torch.enable_grad():
-                norms = _norms(guidance_term(family, x[rows], start, _rows(cond, rows), _rows(uncond, rows),
+                norms = _norms(guidance_term(family, x[rows], start, select_rows(cond, rows), select_rows(uncond, rows),
                                              self.units))
             final[rows] = norms.detach()
             if k == 0:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from memguard.mitigations import Conditions, Family, Info, NoiseAdjustment, Start
+from memguard.mitigations import Conditions, Family, Info, NoiseAdjustment, Start, select_rows
 
 
 @dataclass
@@ -136,7 +136,7 @@ class SAIL(NoiseAdjustment):
         shape = tuple(latents.shape[1:])
         chosen, rows = [], []
         for i, seed in enumerate(seeds):
-            one = self._rows(cond, i), self._rows(uncond, i)
+            one = select_rows(cond, slice(i, i + 1)), select_rows(uncond, slice(i, i + 1))
             if self.pool == "image":
                 search, rank, shares = self.search(family, start, *one, int(seed), 1, shape), 0, [None]
             else:
@@ -231,10 +231,6 @@ class SAIL(NoiseAdjustment):
         if self.gaussianity is not None:
             return float(self.gaussianity)
         return 0.01 if start.scheduler.config.get("prediction_type") == "v_prediction" else 0.05
-
-    @staticmethod
-    def _rows(conditions: Conditions, i: int) -> Conditions:
-        return {k: v[i : i + 1] for k, v in conditions.items()}
 
     @staticmethod
     def _shares(evals: int, n: int) -> list[int]:
