@@ -103,6 +103,8 @@ def sample(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: Con
             mine[:, :start] = theirs[:, :start]
     scale_input = hasattr(scheduler, "scale_model_input")  # flow-matching schedulers take x as it is
     skip, single = trajectory == "off" and not schedule.needs_d and branches is None, 0  # single: steps with one branch evaluated
+    if branches is not None:
+        branches.begin(len(timesteps))
 
     # 2. Denoising loop: one model call on [x, x] with [null condition, condition]
     for k, t in enumerate(timesteps):

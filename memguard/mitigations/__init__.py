@@ -17,11 +17,11 @@ embedding``            before sampling, on the prompt      PRSS's semantic searc
                        embedding; the sibling of
                        ``noise``; see :func:`memguard.
                        sampling.generate_images`)
-``mitigation.          :class:`Branches` (every step: more PRSS (``prss``, ``prss_ss``)
+``mitigation.          :class:`Branches` (every step: more PRSS (``prss``, ``prss_ss``), GUARD (``guard``)
 branches``             conditions in the one model call,
                        and their combination)
-``mitigation.          :class:`DenoiserHook` (around the   Ren et al. (``ren``), NeMo (``nemo``)
-attention``            batch's sampling: module hooks on
+``mitigation.          :class:`DenoiserHook` (around the   Ren et al. (``ren``), NeMo (``nemo``), GUARD's
+attention``            batch's sampling: module hooks on   spike attenuation (``guard``, ``guard_ca``)
                        the denoiser)
 =====================  ==================================  ===============================================
 
@@ -112,6 +112,10 @@ class Branches:
         """The extra branches' conditions for the batch; ``prompts``: the images' original prompts (before any
         ``mitigation.prompt`` rewrote them), ``size``: the image side in pixels."""
         raise NotImplementedError
+
+    def begin(self, steps: int) -> None:
+        """Called by the loop before a batch's steps with their number (the scheduler's timesteps); a method whose
+        weights follow the progress ``step / steps`` keeps it. Nothing by default."""
 
     def combine(self, eps_u: Tensor, eps_c: Tensor, extra: list[Tensor], scale: Tensor, step: int,
                 a: float = 1.0) -> Tensor:
