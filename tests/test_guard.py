@@ -240,6 +240,16 @@ def test_guard_runs_with_three_evaluations_per_step(tiny_model_dir, tmp_path) ->
     assert run(config(tiny_model_dir, tmp_path / "ca", "mitigation=guard_ca"))["unet_evals_per_image"] == 2 * 6
 
 
+def test_protocol_authors_runs_guard_under_ddim_in_bfloat16() -> None:
+    from memguard.protocol import apply_protocol
+    from tests.test_configs import compose_config
+
+    for name in ("guard", "guard_ca"):
+        cfg = compose_config(["+protocol=authors", f"mitigation={name}", "sampler=dpm"])
+        apply_protocol(cfg, v_prediction=False)
+        assert (cfg.sampler.name, cfg.dtype, cfg.sampler.steps) == ("ddim", "bfloat16", 50)
+
+
 def test_bad_input_and_other_families_are_refused_in_one_line(tiny_model_dir, tmp_path) -> None:
     from memguard.families.sdxl import SDXL
 

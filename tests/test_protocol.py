@@ -72,10 +72,15 @@ def test_newer_mitigations_defaults_are_the_ones_docs_protocol_lists() -> None:
     assert (prss.branches.target, prss.branches.threshold, prss.branches.gate, prss.embedding.l_target) == (3, 5,
                                                                                                  "sample", 1)
     assert mitigation("nemo").attention.factor == 0.0
+    guard = mitigation("guard")
+    assert (guard.branches.repulsion, guard.branches.decay, guard.attention.scale, guard.attention.threshold,
+            guard.attention.blocks) == (2.0, "cosine", 0.3, 0.1, "early")
+    assert (mitigation("guard_ca").attention.threshold, mitigation("guard_ca").attention.blocks) == (0.01, "early")
     rows = (CONF.parent / "docs" / "protocol.md").read_text()
     for text in ("`mitigation.noise.iterations: 2`, `rho: 50`, `gamma: 0.7`", "`DelayedStart(step: 4)`",
                  "`lr: 0.01`, `iterations: 1000`, `target: 0.9`", "`pool: image`", "`direction: first`",
-                 "`mitigation.branches.target: 3`, `threshold: 5`", "`gate: sample`", "`factor: 0.0`"):
+                 "`mitigation.branches.target: 3`, `threshold: 5`", "`gate: sample`", "`factor: 0.0`",
+                 "`repulsion: 2`, `scale: 0.3`, `threshold: 0.1` / `0.01`, `blocks: early`"):
         assert text in rows, text
 
 
