@@ -53,7 +53,9 @@ def resolve_sampler(cfg: DictConfig, family: type[Family]) -> None:
 
 def apply_protocol(cfg: DictConfig, v_prediction: bool) -> None:
     """Replace ``cfg.sampler`` (its steps kept) and ``cfg.dtype`` by the protocol's entry for the run's
-    mitigation; ``v_prediction``: the model predicts v (an entry's ``sampler_v`` then applies)."""
+    mitigation, and merge the entry's ``mitigation`` node (e.g. an optimisation's ``noise.precision``) into
+    ``cfg.mitigation``, its values winning over the run's; ``v_prediction``: the model predicts v (an entry's
+    ``sampler_v`` then applies)."""
     protocol = cfg.get("protocol")
     if protocol is None:
         return
@@ -69,5 +71,8 @@ def apply_protocol(cfg: DictConfig, v_prediction: bool) -> None:
     with open_dict(cfg):
         cfg.sampler = chosen
         cfg.dtype = entry.get("dtype", cfg.dtype)
-    log.info("protocol=%s: mitigation=%s runs under %s, %s (%s)", protocol.name, cfg.mitigation.name, name,
-             cfg.dtype, entry.get("code", "its authors' code"))
+        if entry.get("mitigation") is not None:
+            cfg.mitigation = OmegaConf.merge(cfg.mitigation, entry.mitigation)
+    log.info("protocol=%s: mitigation=%s runs under %s, %s%s (%s)", protocol.name, cfg.mitigation.name, name,
+             cfg.dtype, "" if entry.get("mitigation") is None else
+             f", mitigation {OmegaConf.to_container(entry.mitigation)}", entry.get("code", "its authors' code"))

@@ -251,8 +251,8 @@ def test_a_run_records_the_search_per_image_and_its_cost(tiny_model_dir: Path, t
 
 
 def test_their_protocol_runs_the_search_in_bfloat16_under_ddim(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``+protocol=authors``: their sampler and dtype (mitigate_mem.py l. 11-12, 34); the candidates stay float32
-    (Adam's parameter), the denoiser's calls are in bfloat16."""
+    """``+protocol=authors``: their sampler and dtype (mitigate_mem.py l. 11-12, 34), and the candidates (Adam's
+    parameter and so its state) in bfloat16 too, ``mitigation.noise.precision=model`` (tests/test_authors_dtype.py)."""
     from omegaconf import OmegaConf
 
     from memguard.runner import run
@@ -261,7 +261,7 @@ def test_their_protocol_runs_the_search_in_bfloat16_under_ddim(tiny_model_dir: P
     run(config(tiny_model_dir, tmp_path, "+protocol=authors", "mitigation=sail", "sampler.steps=3",
                "mitigation.noise.budget=2", "mitigation.noise.max_steps=2", "mitigation.noise.max_rounds=1"))
     saved = OmegaConf.load(tmp_path / "config.yaml")
-    assert (saved.sampler.name, saved.dtype) == ("ddim", "bfloat16")
+    assert (saved.sampler.name, saved.dtype, saved.mitigation.noise.precision) == ("ddim", "bfloat16", "model")
     rows = pd.read_csv(tmp_path / "generations.csv")
     assert rows.sail_final_loss.notna().all() and (rows.unet_evals_before > 0).all()
 

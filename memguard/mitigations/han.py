@@ -62,12 +62,12 @@ def _check_iterations(value: int, what: str) -> None:
 
 
 def guidance_term(family: Family, x: Tensor, start: Start, cond: Conditions, uncond: Conditions,
-                  units: str = "raw") -> Tensor:
+                  units: str = "raw", dtype: torch.dtype = torch.float32) -> Tensor:
     """``eps~ = out_c - out_u`` at latents ``x`` ``(B, C, h, w)`` and the first timestep: one denoiser call on
     ``[x, x]`` with ``[null, condition]``, as the sampling loop makes it (``units="eps"``: times ``start.a``).
-    Float32, whatever the denoiser's dtype; differentiable in ``x``."""
+    In ``dtype`` (float32 unless told), whatever the denoiser's; differentiable in ``x``."""
     x_in = start.model_input(torch.cat([x, x])).to(family.denoiser.dtype)
-    out_u, out_c = family(x_in, start.t, join(uncond, cond)).float().chunk(2)
+    out_u, out_c = family(x_in, start.t, join(uncond, cond)).to(dtype).chunk(2)
     difference = out_c - out_u
     return difference * start.a if units == "eps" else difference
 
@@ -75,6 +75,22 @@ def guidance_term(family: Family, x: Tensor, start: Start, cond: Conditions, unc
 def _norms(difference: Tensor) -> Tensor:
     """Per-sample L2 norm over all non-batch dimensions, ``(B,)``."""
     return difference.flatten(1).norm(dim=1)
+
+
+PRECISIONS = ("float32", "model")
+
+
+def working_dtype(precision: str, family: Family) -> torch.dtype:
+    """The dtype of an optimisation's latents, guidance terms and optimiser state: ``float32`` (memguard's), or
+    ``model``, the denoiser's own (their code's: the pipeline's bfloat16 under ``+protocol=authors``)."""
+    _check_precision(precision)
+    return torch.float32 if precision == "float32" else family.denoiser.dtype
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be float32 or model (the denoiser's dtype, as the authors' "
+                         "code)")
 
 
 def _check_eps_units(units: str, start: Start) -> None:
@@ -113,27 +129,35 @@ class HanBatchWise(_Han):
     ``han_shift_norm`` (``||x_T' - x_T||_2``). The norm at the adjusted x_T is not evaluated (their code does not
     either): it is the sampling loop's step-0 ``sqrt(d)`` (``trajectories.csv``; eps units).
     Ranges: ``iterations >= 1``, ``rho > 0``, ``gamma > 0``; ``units`` raw or eps.
+
+    ``precision``: ``float32`` (default) computes x_T, ``eps~`` and the update in float32; ``model`` in the
+    denoiser's dtype, as their code does (``generate_images.py`` l. 41-55: the pipeline and so x_T in bfloat16;
+    ``+protocol=authors`` sets it): the norm, ``delta`` and each update then round to bfloat16's 8 significant bits.
     """
 
-    def __init__(self, iterations: int = 2, rho: float = 50.0, gamma: float = 0.7, units: str = "raw") -> None:
+    def __init__(self, iterations: int = 2, rho: float = 50.0, gamma: float = 0.7, units: str = "raw",
+                 precision: str = "float32") -> None:
         _check_iterations(iterations, "M, the number of updates")
         _check_positive("rho", rho)
         _check_positive("gamma", gamma)
         _check_units(units)
+        _check_precision(precision)
         self.iterations, self.rho, self.gamma, self.units = iterations, float(rho), float(gamma), units
+        self.precision = precision
 
     @torch.no_grad()
     def __call__(self, family: Family, latents: Tensor, start: Start, cond: Conditions, uncond: Conditions, *,
                  prompts: Sequence[str], seeds: Sequence[int]) -> tuple[Tensor, Info]:
         _check_eps_units(self.units, start)
-        x = original = latents.float()
+        dtype = working_dtype(self.precision, family)
+        x = original = latents.to(dtype)
         first = None
         for _ in range(self.iterations):
-            g = guidance_term(family, x, start, cond, uncond, self.units)
-            norm = _norms(g)
+            g = guidance_term(family, x, start, cond, uncond, self.units, dtype)
+            norm = g.pow(2).flatten(1).sum(dim=1).sqrt()  # as theirs (l. 258): squares in x_T's dtype, then summed
             first = norm if first is None else first
-            delta = self.rho * g / norm.clamp_min(torch.finfo(torch.float32).tiny).view(-1, *[1] * (g.dim() - 1))
-            x = x - self.gamma * (guidance_term(family, x + delta, start, cond, uncond, self.units) - g)
+            delta = self.rho * (g / norm.clamp_min(torch.finfo(dtype).tiny).view(-1, *[1] * (g.dim() - 1)))
+            x = x - self.gamma * (guidance_term(family, x + delta, start, cond, uncond, self.units, dtype) - g)
         info = {"han_first_norm": first, "han_shift_norm": _norms(x - original),
                 "unet_evals_before": torch.full((len(x),), 4 * self.iterations, device=x.device)}
         return x.to(latents.dtype), info
@@ -144,7 +168,8 @@ class HanPerSample(_Han):
 
         L(x_T) = || eps~(x_T) ||_2        (at the first timestep T)
 
-    over x_T with AdamW (``lr``; torch's default weight decay 0.01 acts on x_T, as in theirs), stopping once
+    over x_T with AdamW (``lr``; torch's default weight decay 0.01, which acts on a float32 x_T and does nothing on
+    their bfloat16 one: ``precision`` below), stopping once
     ``L <= target`` or after ``iterations`` AdamW steps; then CFG from the first step (the YAML's
     :class:`memguard.guidance.Constant`). Their code: ``local_sd_pipeline.py`` lines 107-129 (one image at a
     time: a batch of one latent and its [null, prompt] embeddings), 318-357 (the loop: loss
@@ -162,22 +187,29 @@ class HanPerSample(_Han):
     ``han_iterations`` (AdamW steps), ``han_first_norm``, ``han_final_norm`` (``L`` at the original and the
     final x_T, in ``units``), ``han_reached_target``, ``han_shift_norm`` (``||x_T' - x_T||_2``).
     Ranges: ``lr > 0``, ``iterations >= 1``, ``target >= 0`` or None; ``units`` raw or eps.
+
+    ``precision``: ``float32`` (default): x_T, the loss and AdamW's state in float32, where the weight decay moves
+    x_T by ``lr * 0.01`` of itself a step. ``model``: in the denoiser's dtype, as their code (x_T a bfloat16 leaf,
+    so AdamW's moments are bfloat16 too; ``+protocol=authors`` sets it). In bfloat16 the decay is a no-op
+    (``x (1 - 1e-4)`` rounds back to ``x``: 8 significant bits), and every step's update rounds to x_T's spacing.
     """
 
     def __init__(self, lr: float = 0.01, iterations: int = 1000, target: float | None = 0.9,
-                 units: str = "raw") -> None:
+                 units: str = "raw", precision: str = "float32") -> None:
         _check_positive("lr", lr)
         _check_iterations(iterations, "the most AdamW steps per image")
         if target is not None and not target >= 0:
             raise ValueError(f"target={target} must be >= 0 (the norm to reach), or null for no early stop")
         _check_units(units)
-        self.lr, self.iterations, self.units = float(lr), iterations, units
+        _check_precision(precision)
+        self.lr, self.iterations, self.units, self.precision = float(lr), iterations, units, precision
         self.target = None if target is None else float(target)
 
     def __call__(self, family: Family, latents: Tensor, start: Start, cond: Conditions, uncond: Conditions, *,
                  prompts: Sequence[str], seeds: Sequence[int]) -> tuple[Tensor, Info]:
         _check_eps_units(self.units, start)
-        original = latents.detach().float()
+        dtype = working_dtype(self.precision, family)
+        original = latents.detach().to(dtype)
         x = original.clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([x], lr=self.lr)
         n, device = len(x), x.device
@@ -190,8 +222,8 @@ class HanPerSample(_Han):
             rows = active.nonzero().squeeze(1)
             with torch.enable_grad():
                 norms = _norms(guidance_term(family, x[rows], start, select_rows(cond, rows), select_rows(uncond, rows),
-                                             self.units))
-            final[rows] = norms.detach()
+                                             self.units, dtype))
+            final[rows] = norms.detach().float()
             if k == 0:
                 first = final.clone()
             # 2. Stop where the target is reached, or at the cap

@@ -85,7 +85,8 @@ class SAIL(NoiseAdjustment):
     ``(x_in - sqrt(abar) out) / sqrt(1 - abar)``, which is eps only if ``out`` were x0: for ``Delta`` it gives
     ``-Delta_eps / sqrt(1 - abar_T)``, so their direction ``u`` is the opposite one and their proxy is scaled by
     ``1 / sqrt(1 - abar_T)`` (1.0029 for SD 2's scaled-linear betas at their DDIM's t = 981);
-    ``v_units="their_code"`` uses their conversion.
+    ``v_units="their_code"`` uses their conversion. ``precision``: ``float32`` or ``model`` (their bfloat16 under
+    ``+protocol=authors``; see :meth:`dtype`).
 
     ``gaussianity`` (gamma): null takes theirs by prediction type, 0.05 for eps models (their SD 1.4, line 543)
     and 0.01 for v models (their SD 2, the 768-v model, line 548). ``max_rounds`` is memguard's addition (their loop,
@@ -106,7 +107,7 @@ class SAIL(NoiseAdjustment):
 
     def __init__(self, threshold: float = 8.2, budget: int = 8, lr: float = 0.05, max_steps: int = 10,
                  gaussianity: float | None = None, max_rounds: int = 90, direction: str = "first",
-                 pool: str = "image", v_units: str = "eps") -> None:
+                 pool: str = "image", v_units: str = "eps", precision: str = "float32") -> None:
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget={budget} must be an integer >= 1 (candidate latents per search)")
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -120,12 +121,13 @@ class SAIL(NoiseAdjustment):
         if gaussianity is not None and not gaussianity >= 0:
             raise ValueError(f"gaussianity={gaussianity} must be >= 0, or null (0.05 for eps, 0.01 for v models)")
         for key, value, allowed in (("direction", direction, ("first", "current")), ("pool", pool, ("image", "prompt")),
-                                    ("v_units", v_units, ("eps", "their_code"))):
+                                    ("v_units", v_units, ("eps", "their_code")),
+                                    ("precision", precision, ("float32", "model"))):
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} must be one of {', '.join(allowed)}")
         self.threshold, self.budget, self.lr, self.max_steps = float(threshold), budget, float(lr), max_steps
         self.gaussianity, self.max_rounds, self.direction = gaussianity, max_rounds, direction
-        self.pool, self.v_units = pool, v_units
+        self.pool, self.v_units, self.precision = pool, v_units, precision
         self.image_set: Callable[[int], Sequence[int]] | None = None  # pool=prompt: the runner sets it
         self._cache: dict[tuple, tuple[Search, list[int]]] = {}
 
@@ -162,7 +164,7 @@ class SAIL(NoiseAdjustment):
                shape: tuple[int, ...]) -> Search:
         """One pool's search (their ``while True`` loop, pipe.py lines 519-580) for one condition (``cond``,
         ``uncond``: one row each) until ``wanted`` latents met the threshold or ``max_rounds`` rounds ran."""
-        device, dtype = family.denoiser.device, torch.promote_types(torch.float32, family.denoiser.dtype)
+        device, dtype = family.denoiser.device, self.dtype(family)
         conditions = {k: torch.cat([uncond[k].expand(self.budget, *uncond[k].shape[1:]),
                                     cond[k].expand(self.budget, *cond[k].shape[1:])]) for k in cond}
         gamma = self.coefficient(start)
@@ -202,6 +204,17 @@ class SAIL(NoiseAdjustment):
             picks += [Pick(last[i], float(last_loss[i]), self.max_rounds, self.max_steps - 1, rounds[-1][0])
                       for i in order]
         return Search(picks, evals, True, rounds)
+
+    def dtype(self, family: Family) -> torch.dtype:
+        """The candidates' dtype, which is also Adam's state's: float32 (or the denoiser's if wider), or with
+        ``precision=model`` the denoiser's own, as theirs (``mitigate_mem.py`` l. 11: ``torch.set_default_dtype(
+        torch.bfloat16)``, so ``torch.randn`` at pipe.py l. 521 draws bfloat16 candidates; on a CPU those equal the
+        float32 draw rounded, which is what this takes). In bfloat16 the loss, the Gaussianity term and every Adam
+        update round to 8 significant bits, so candidates move in steps of their spacing and the threshold test
+        reads a rounded loss."""
+        if self.precision == "model":
+            return family.denoiser.dtype
+        return torch.promote_types(torch.float32, family.denoiser.dtype)
 
     def loss(self, family: Family, start: Start, z: Tensor, first: Tensor, conditions: Conditions,
              gamma: float) -> Tensor:
