@@ -306,6 +306,22 @@ def test_the_gate_reads_eps_units_on_a_v_prediction_model() -> None:
     assert not torch.allclose(reanchor(2.0), cfg, atol=1e-3)  # r = 2 a = 4 > 3: re-anchored
 
 
+def test_the_trigger_reads_raw_units_as_the_embedding_target_it_is_tied_to() -> None:
+    """The trigger defaults to the embedding's ``l_target``, which Wen's optimisation and the search compare with
+    the raw output difference; so the trigger reads the raw ``||out_o - out_u||`` on a v model too (a = 2 would
+    double it in eps units and fire it), while the gate reads eps units."""
+    generator = torch.Generator().manual_seed(1)
+    eps_u = torch.randn(1, 4, 8, 8, generator=generator)
+    direction = torch.randn(1, 4, 8, 8, generator=generator)
+    eps_o = eps_u + 2.0 * direction / direction.norm()  # raw ||out_o - out_u|| = 2
+    eps_c = eps_u + 4.0 * direction / direction.norm()  # raw r = 4: eps units 8 at a = 2
+    for trigger, fired in ((3.0, False), (1.5, True)):
+        pr = PromptReanchoring(target=3.0, threshold=5.0, trigger=trigger)
+        pr.combine(eps_u, eps_c, [eps_o], torch.tensor([G]), 0, 2.0)
+        assert pr.info()["prss_triggered"].tolist() == [int(fired)], trigger
+        assert pr.info()["prss_steps_reanchored"].tolist() == [int(fired)]
+
+
 def test_sdxl_searches_and_reanchors_per_image_with_its_pooled_embeddings() -> None:
     """SDXL is the sd family's case with two encoders: the search swaps every condition of the chosen text (its
     token and pooled embeddings), and an image's result is the same alone and in a batch."""

@@ -22,7 +22,10 @@ otherwise plain CFG on the modified prompt, ``eps = eps_u + g (eps_c - eps_u)`` 
 ``||eps(x_T, original) - eps(x_T, null)||_2`` exceeds the optimisation's or the search's target
 (``local_sd_pipeline.py`` l. 713-719, l. 925-936), i.e. Wen et al.'s detection at step 0 with that target. Here
 ``trigger`` is that threshold, measured on the loop's own first step (the third branch is the original prompt at
-x_T), so it costs nothing more; ``trigger: null`` re-anchors every image.
+x_T), so it costs nothing more; ``trigger: null`` re-anchors every image. The trigger is measured in the units of
+the target it is tied to: the model's raw outputs, as Wen's optimisation and the search measure their
+``l_target`` (on a v-prediction model, v); the gate ``r`` and its ``target`` and ``threshold`` are in eps units.
+Their code runs SD 1.4, an eps model, where the two coincide.
 
 **SS** (:class:`SemanticSearch`, slot ``mitigation.embedding``). At x_T, the original prompt and then its
 paraphrases in file order are tried; the first with ``||eps_c - eps_u||_2 <= l_target`` (``l_target_ss``) is used
@@ -56,7 +59,8 @@ class PromptReanchoring(Branches):
     ``target`` (``l_target_pr``, 3: ``README.md`` l. 75; ``inference_mem.py`` l. 242 defaults to None, PR off) and
     ``threshold`` (``mag_thres_pr``, 5: ``inference_mem.py`` l. 243, ``README.md`` l. 76) in eps units;
     ``p``: the norm of the gate (``lp=2``, ``local_sd_pipeline.py`` l. 93). ``trigger``: the first-step magnitude
-    of the original prompt above which an image is re-anchored (None: every image).
+    of the original prompt above which an image is re-anchored (None: every image), in the model's raw units, those
+    of the embedding's ``l_target`` it defaults to.
 
     ``gate="sample"`` (default) measures ``r`` and the trigger per image. ``gate="batch"`` measures both over the
     whole batch tensor, as their ``(eps_c - eps_u).norm(p=lp)`` (l. 216) and their target losses (l. 691, 921) do
@@ -95,11 +99,11 @@ class PromptReanchoring(Branches):
         """Per sample: the re-anchored prediction where triggered, ``g > 1`` and ``r > target``; else CFG.
 
         The outputs are combined as they are (the combination's weights sum to 1, so for a v-prediction model the
-        combined v gives the combined eps); the gate and the trigger read ``a`` times their differences, eps
-        units, as their thresholds are."""
+        combined v gives the combined eps); the gate reads ``a`` times the difference, eps units, as its
+        thresholds are; the trigger the raw difference, as the embedding's target it is tied to."""
         (eps_o,) = extra
         if step == 0 or self._triggered is None:
-            self._start(eps_u, eps_o, a)
+            self._start(eps_u, eps_o)
         magnitude = self.magnitude(a * (eps_c - eps_u), self.p)
         g = scale.to(magnitude.dtype)
         fire = self._triggered & (g > 1) & (magnitude > self.target)
@@ -123,12 +127,12 @@ class PromptReanchoring(Branches):
             return difference.norm(p=p).expand(len(difference))
         return difference.flatten(1).norm(p=p, dim=1)
 
-    def _start(self, eps_u: Tensor, eps_o: Tensor, a: float = 1.0) -> None:
-        """m_trigger from the first step: the original prompt's ``||eps_o - eps_u||_2`` above ``trigger``."""
+    def _start(self, eps_u: Tensor, eps_o: Tensor) -> None:
+        """m_trigger from the first step: the original prompt's raw ``||out_o - out_u||_2`` above ``trigger``."""
         if self.trigger is None:
             self._triggered = torch.ones(len(eps_u), dtype=torch.bool, device=eps_u.device)
         else:
-            self._triggered = self.magnitude(a * (eps_o - eps_u), 2.0) > self.trigger
+            self._triggered = self.magnitude(eps_o - eps_u, 2.0) > self.trigger
         self._reanchored = torch.zeros(len(eps_u), dtype=torch.long, device=eps_u.device)
 
     def info(self) -> Info:
