@@ -40,7 +40,7 @@ The statistics: NeMo's ``statistics/statistics_additional_laion_prompts_v1_4.pt`
 SD 1.x's layer widths 320, 320, 640, 640, 1280, 1280, 1280; ``memguard fetch`` brings it:
 ``sources.nemo_statistics``), or statistics memguard computes from non-memorized prompts
 (``nemo.statistics_prompts``): per layer the mean and the (Bessel-corrected) std over prompts of ``a_m``, as
-``1_compute_activations_statistics.py`` l. 37-63.
+``1_compute_activations_statistics.py`` l. 37-63. A file names its model (:func:`check_statistics_model`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "memguard nemo neurons 1"
 STATISTICS_FORMAT = "memguard nemo statistics 1"
+NEMO_TEXT_WIDTH = 768  # NeMo's file is SD 1.4's (README l. 33): its value layers read CLIP ViT-L/14's 768-wide text
+PROBE = "a photograph"  # a memguard file's model check: the value activations of this prompt, kept beside its statistics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,13 +164,43 @@ def compute_statistics(family: Any, prompts: Sequence[str], modules: Sequence[st
 
 
 def save_statistics(path: Path, stats: Statistics, modules: Sequence[str], prompts: Sequence[str],
-                    model: str = "") -> None:
-    """memguard's statistics file: the modules by name, their means and stds, the prompts' digest, the model."""
+                    model: str = "", probe: Sequence[Tensor] = ()) -> None:
+    """memguard's statistics file: the modules by name, their means and stds, the prompts' digest, the model (its
+    path, and ``probe``: its value activations of :data:`PROBE`, :func:`value_activations`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     torch.save({"format": STATISTICS_FORMAT, "modules": list(modules), "mean": stats.mean, "std": stats.std,
-                "n_prompts": len(prompts), "prompts_sha256": _digest(prompts), "model": model}, tmp)
+                "n_prompts": len(prompts), "prompts_sha256": _digest(prompts), "model": model,
+                "probe": list(probe)}, tmp)
     os.replace(tmp, path)
+
+
+def check_statistics_model(path: Path, family: Any, modules: Sequence[str], model: str,
+                           key: str = "nemo.statistics") -> None:
+    """The statistics were computed on this model, as far as the file says: NeMo's file (no model recorded) is
+    SD 1.4's, refused in one line for a model whose value layers read another text width (SD 2.x) and taken with
+    a one-line warning otherwise (a fine-tune of SD 1.x has the same shapes); memguard's file keeps its model's
+    activations of :data:`PROBE`, and a model whose own differ by more than 2% gets a one-line warning. Each names
+    the fix, ``nemo.statistics_prompts``."""
+    fix = "compute this model's with nemo.statistics_prompts=FILE (non-memorized prompts) and nemo.statistics=NEW_FILE"
+    own = _own_statistics(path)
+    if own is None:
+        width = family.denoiser.get_submodule(modules[0]).in_features
+        if width != NEMO_TEXT_WIDTH:
+            raise UserError(f"{key}={str(path)!r} holds NeMo's statistics of SD 1.4 (value layers reading "
+                            f"{NEMO_TEXT_WIDTH}-wide text embeddings); model.path={model!r} reads {width}-wide "
+                            f"ones (another text encoder, e.g. SD 2.x): {fix}")
+        log.warning("%s=%r holds NeMo's statistics of SD 1.4; model.path=%r is used with them as it is: if it is not "
+                    "SD 1.4 (a fine-tune), %s", key, str(path), model, fix)
+        return
+    if not own.get("probe"):
+        return  # written before memguard kept the probe: nothing to compare
+    mine = value_activations(family, [PROBE], modules)
+    gap = max(float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+              for a, b in zip(mine, own["probe"], strict=True))
+    if gap > 0.02:
+        log.warning("%s=%r was computed on model %r; model.path=%r differs (its value activations of %r differ by "
+                    "%.0f%%): %s", key, str(path), own.get("model", ""), model, PROBE, 100 * gap, fix)
 
 
 def _own_statistics(path: Path) -> dict[str, Any] | None:
@@ -412,11 +444,13 @@ def _statistics(cfg: Any, family: Any, modules: dict[str, int], size: int | None
         if old is None or (old.get("prompts_sha256"), old.get("model")) != (_digest(prompts), str(cfg.model.path)):
             log.info("nemo-localize: statistics of %d prompts from %s -> %s", len(prompts), source, path)
             save_statistics(path, compute_statistics(family, prompts, list(modules), size, batch), list(modules),
-                            prompts, str(cfg.model.path))
+                            prompts, str(cfg.model.path), value_activations(family, [PROBE], list(modules), size))
     elif not path.is_file():
         raise UserError(f"nemo.statistics={str(path)!r} is not a file; `memguard fetch` (the same overrides) brings "
                         "NeMo's (sources.nemo_statistics), or compute one with nemo.statistics_prompts=FILE")
-    return load_statistics(path, modules), path
+    stats = load_statistics(path, modules)
+    check_statistics_model(path, family, list(modules), str(cfg.model.path))
+    return stats, path
 
 
 def localize(cfg: Any) -> dict[str, Any]:
