@@ -37,6 +37,7 @@ the prompt itself (``inference_mem.py`` l. 817), so none is needed here.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -46,6 +47,8 @@ from torch import Tensor
 
 from memguard.errors import UserError
 from memguard.mitigations import Branches, Conditions, DenoiserHook, Family, Info
+
+log = logging.getLogger(__name__)
 
 # inference_mem.py l. 886-921: the attn2 modules of SD 1.x / 2.x UNets, in their five groups
 _DOWN_EARLY = [f"down_blocks.{b}.attentions.{a}" for b in (0, 1) for a in (0, 1)]
@@ -92,8 +95,14 @@ class SpikeAttenuation(DenoiserHook):
         if scale <= 0:
             raise ValueError(f"scale={scale} must be > 0 (their --spike_scale; 1: no attenuation)")
         self.scale, self.threshold, self.blocks = scale, threshold, block_names(blocks)
+        self._warned = False
 
     def installed(self, family: Family, prompts: Sequence[str], branches: int) -> AbstractContextManager[None]:
+        if not self._warned:  # once per run: their numbers are SD 1.4's, not this model's
+            log.warning("mitigation.attention: GUARD's threshold=%s, scale=%s are their README's for SD 1.4, not "
+                        "calibrated on this model; tune mitigation.attention.threshold and .scale for it",
+                        self.threshold, self.scale)
+            self._warned = True
         return self.installed_on(family.denoiser, branches)
 
     @contextmanager
