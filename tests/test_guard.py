@@ -262,3 +262,19 @@ def test_bad_input_and_other_families_are_refused_in_one_line(tiny_model_dir, tm
     assert "blocks='early2' must be one of all, semantic" in str(caught.value)
     with pytest.raises(UserError, match=r"^mitigation=guard: mitigation.branches serves the sd family, not sdxl"):
         SDXL.check_baselines(Baselines(branches=Guard(), attention=SpikeAttenuation()), "guard")
+
+
+def test_with_scale_1_the_processor_is_diffusers_plain_attention_mask_included() -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from memguard.mitigations.guard import _SpikeProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    hidden, context = torch.randn(2, 5, 16), torch.randn(2, 7, 8)
+    mask = torch.zeros(2, 1, 7)
+    mask[:, :, 5:] = -1e4
+    for kwargs in ({}, {"attention_mask": mask}):
+        plain = AttnProcessor()(attn, hidden, context, **kwargs)
+        torch.testing.assert_close(_SpikeProcessor(1.0, 0.1, 2)(attn, hidden, context, **kwargs), plain)
+        assert not torch.allclose(_SpikeProcessor(0.3, 0.1, 2)(attn, hidden, context, **kwargs), plain)

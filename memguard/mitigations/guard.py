@@ -143,8 +143,9 @@ class _SpikeProcessor:
                                                                                    query.shape[1], -1)
         rows = slice(batch - batch // self.branches, batch)
         logits[rows] = attenuate_spikes(logits[rows], self.scale, self.threshold)
-        if attention_mask is not None:
-            logits = logits + attention_mask.view(batch, attn.heads, *attention_mask.shape[1:]).to(wide)
+        if attention_mask is not None:  # after the edit, as theirs (l. 904-905); diffusers' (B heads, 1, K) bias
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+            logits = logits + mask.view(batch, attn.heads, -1, key.shape[1]).to(wide)
         probs = logits.softmax(dim=-1).view(batch * attn.heads, query.shape[1], -1).to(value.dtype)
         out = attn.batch_to_head_dim(probs @ value)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
