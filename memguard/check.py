@@ -411,5 +411,9 @@ def check(cfg: DictConfig) -> Report:
         print(f"warning: {line}")
     if report.problems:
         raise report.error()
-    print(f"memguard check: every input of scenario={cfg.scenario.name} is present")
+    if report.warnings:  # the summary agrees with the warnings above it
+        print(f"memguard check: the inputs a run of scenario={cfg.scenario.name} needs are present, with "
+              f"{len(report.warnings)} warning(s) above")
+    else:
+        print(f"memguard check: every input of scenario={cfg.scenario.name} is present")
     return report
