@@ -274,7 +274,7 @@ def test_url_list_fetches_verifies_and_reports_dead_links(files_server, tmp_path
 
     cfg = compose(overrides)
     report = check_inputs(cfg)  # the prompts left without references are named (evaluation leaves them out)
-    assert any("4 prompt(s) have no images in their own subfolder (10, 7, 8, 9" in w and "dead links" in w
+    assert any("7 of 11 prompts have references; 4 prompt(s) have no images in their own subfolder (10, 7, 8, 9" in w and "dead links" in w
                for w in report.warnings), report.warnings
     hits = dict(files_server.hits)
     start = time.monotonic()

@@ -84,6 +84,10 @@ def test_webster500_scores_each_prompt_against_its_own_ground_truth(tiny_model_d
     metrics = evaluate(compose_config(overrides))
     assert metrics["similarity"]["prompts_without_references"] == 1
     assert metrics["similarity"]["reference_keys_missing"] == ["12"]
+    assert metrics["similarity"]["reference_coverage"] == {"with": 1, "of": 2}
+    from memguard.tables import notes
+
+    assert "Similarity: 1 of 2 prompts have references" in " ".join(notes({"none": metrics}, True))
     gens = pd.read_csv(tmp_path / "run" / "generations.csv")
     assert gens.similarity[0] == pytest.approx(1.0, abs=1e-5) and np.isnan(gens.similarity[1])
     assert metrics["similarity"]["mean"] == pytest.approx(1.0, abs=1e-5)  # over the prompts that have references
