@@ -255,8 +255,10 @@ def test_url_list_fetches_verifies_and_reports_dead_links(files_server, tmp_path
             (5, "/i/hop"), (6, "/i/a photo é.png"), (6, "/i/rgb.png")]
     dead = [(7, "/i/dead.png"), (8, "/i/page.png"), (9, "/i/cut.jpg"), (10, "/i/slow.png")]
     overrides = url_list_setup(files_server, tmp_path, good + dead)
+    before = files_server.hits.get("/i/rgb.png", 0)
     fetch(compose(overrides))
     out = capsys.readouterr().out
+    assert files_server.hits["/i/rgb.png"] - before == 2  # asked once for prompts 0 and 6, once through /i/hop
     assert "7 of 11 prompts have a reference; 4 dead:" in out and "fetch_report.csv" in out
     gt = tmp_path / "data" / "webster500" / "gt_images"
     assert sorted((p.relative_to(gt).as_posix() for p in gt.rglob("*.png")), key=str) == sorted(
