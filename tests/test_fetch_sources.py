@@ -232,3 +232,44 @@ def test_assembled_model_accepts_the_plausible_layouts(layout: str, tiny_model_d
         assert ("test/base" in records) == (layout in ("unet-zip", "checkpoint-zip"))
         assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
         shutil.rmtree(tmp_path / "hf-home", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt files written from the captions the authors publish beside their images
+
+
+def test_captions_json_keeps_the_files_order_and_every_caption(tmp_path: Path) -> None:
+    """DCR's JSON ({image path: [captions]}) -> metadata.jsonl in the JSON's order, the first caption of each, the
+    image found by its path's trailing parts; a caption whose image is not there is kept (prompt_draw draws from
+    the same list as the authors) with file_name null."""
+    from memguard.fetch.derive import captions_json
+
+    folder = tmp_path / "laion10k"
+    for sub, name in (("00000", "b.jpg"), ("00001", "b.jpg"), ("00000", "a.jpg")):
+        (folder / "train" / sub).mkdir(parents=True, exist_ok=True)
+        (folder / "train" / sub / name).write_bytes(b"x")
+    entries = {"/scratch/x/train/00001/b.jpg": ["second b", "other"], "./train/00000/a.jpg": ["an a"],
+               "train/00000/b.jpg": ["first b"], "train/00002/gone.jpg": ["no image"]}
+    (folder / "laion_combined_captions.json").write_text(json.dumps(entries))
+    assert captions_json(folder, folder / "metadata.jsonl") == 4
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert rows == [{"file_name": "train/00001/b.jpg", "text": "second b"}, {"file_name": "train/00000/a.jpg",
+                    "text": "an a"}, {"file_name": "train/00000/b.jpg", "text": "first b"},
+                    {"file_name": None, "text": "no image"}]
+
+
+def test_captions_txt_sorted_as_the_authors_glob(tmp_path: Path) -> None:
+    from memguard.fetch.derive import captions_txt, make
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, text in (("b", "second"), ("a", "first ")):
+        (images / f"{name}.jpg").write_bytes(b"x")
+        (images / f"{name}.txt").write_text(text)
+    assert captions_txt(images, tmp_path / "prompts.jsonl") == 2
+    rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert rows == [{"caption": "first ", "file_name": "images/a.jpg"}, {"caption": "second", "file_name": "images/b.jpg"}]
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserError, match="no .txt caption files"):  # a folder of another layout: refused, one line
+        make("captions_txt", "prompts_file", tmp_path / "other", tmp_path / "p.jsonl")
+    assert not (tmp_path / "p.jsonl").exists()

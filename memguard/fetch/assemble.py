@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,10 @@ def find_model(root: Path, key: str, subfolder: str | None = None) -> tuple[str,
     raise UserError(f"sources.{key}.part holds {_found(root)}; expected {EXPECTED}; refused, nothing was written")
 
 
-def assemble(item: Any, node: DictConfig, s: dict[str, Any]) -> str:
-    """Fetch ``node.part`` (and ``node.base`` where the part is a UNet only) and put the model folder in place."""
-    from memguard.fetch.command import Item
-    from memguard.fetch.fetchers import fetch_from
-
+def assemble(item: Any, node: DictConfig, s: dict[str, Any], fetch_from: Callable[..., str]) -> str:
+    """Fetch ``node.part`` (and ``node.base`` where the part is a UNet only) with ``fetch_from``
+    (:func:`memguard.fetch.fetchers.fetch_from`) and put the model folder in place."""
+    Item = type(item)  # noqa: N806  (the part and the base are fetched as inputs of their own, into staging)
     key = item.key
     staging = item.root / f".{item.dest.name}.assemble"
     shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from memguard.errors import UserError
 from memguard.fetch import manifest
-from memguard.fetch.http import FetchError, check_hash, human, part_of, reason
+from memguard.fetch.assemble import assemble
+from memguard.fetch.http import FetchError, archive_kind, check_hash, human, part_of, reason, unpack
 from memguard.fetch.sources import origin, where
 
 
@@ -35,9 +36,7 @@ def fetch_from(item: Any, node: DictConfig, s: dict[str, Any], url_list: Any = N
     if kind == "url_list":
         return f"{key}: " + url_list(node)
     if kind == "assembled":
-        from memguard.fetch.assemble import assemble
-
-        return assemble(item, node, s)
+        return assemble(item, node, s, fetch_from)
     # url and gdrive: one file, or an archive unpacked into a folder
     sha256 = item.expected_sha256(node)
     unpack = node.get("unpack")
@@ -114,8 +113,6 @@ def gdrive_folder(item: Any, node: DictConfig, s: dict[str, Any]) -> str:
 
 def unpack_inner(folder: Path, key: str) -> None:
     """Each zip or tar archive under ``folder`` replaced by what it holds (in the archive's own folder)."""
-    from memguard.fetch.http import archive_kind, unpack
-
     for archive in sorted(p for p in folder.rglob("*") if p.is_file()):
         if archive.suffix.lower() not in (".zip", ".tar", ".tgz", ".gz") or archive_kind(archive) is None:
             continue
