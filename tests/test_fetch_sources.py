@@ -156,6 +156,7 @@ def test_a_dead_source_with_a_live_mirror_and_a_mirror_serving_other_bytes(tmp_p
             fetch([*base, f"sources.similarity.mirrors=[{{url: '{u}/other.pt'}}]"])
         text = str(err.value)
         assert len(text.splitlines()) == 2 and "HTTP 404" in text and "does not match" in text, text
+        assert "not kept" in text and "delete it" not in text
         assert not (tmp_path / "w" / "sscd_disc_large.torchscript.pt").exists()
         assert not list((tmp_path / "w").glob("*.part"))  # other bytes are not kept to resume from
         lines = fetch([*base, f"sources.similarity.mirrors=[{{url: '{u}/other.pt'}}, {{url: '{u}/good.pt'}}]"])

@@ -259,11 +259,13 @@ def fetch_item(cfg: DictConfig, item: Item) -> str:
         except (FetchError, UserError) as err:
             if len(places) == 1:
                 raise
-            tried.append((node, err))
             unpack = node.get("unpack") or ("auto" if node.get("folder") and node.get("url") else None)
             part = part_of(item.root / f".{item.dest.name}.{unpack}" if unpack else item.dest)
-            if isinstance(err, UserError):  # other bytes: not resumed from by the next location
-                part.unlink(missing_ok=True)
+            if isinstance(err, UserError) and part.exists():  # other bytes: not resumed from by the next location
+                part.unlink()
+                err = UserError(str(err).replace(f"left as {part} (delete it to fetch again from the start)",
+                                                 "not kept"))
+            tried.append((node, err))
     lines = "; then ".join(f"{where(n)}: {e}" for n, e in tried)
     raise FetchError(f"not fetched from any of its {len(places)} locations ({lines})",
                      resumable=any(getattr(e, "resumable", False) for _, e in tried))

@@ -35,6 +35,10 @@ def _errors(key: str, node: DictConfig, err: Exception) -> Exception:
     )
 
     page = f"https://huggingface.co/{node.repo}"
+    cause: BaseException | None = err  # a dry run wraps the hub's answer (DryRunError from RepositoryNotFoundError)
+    while cause is not None and not isinstance(cause, (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError)):
+        cause = cause.__cause__ or cause.__context__
+    err = cause if isinstance(cause, Exception) else err
     if isinstance(err, GatedRepoError):
         return UserError(f"sources.{key}: {node.repo} is gated: accept its licence on {page}, then "
                          "`huggingface-cli login` (or set HF_TOKEN)")
