@@ -409,9 +409,10 @@ def notes(runs: dict[str, dict[str, Any]], whole_run_fid: bool) -> list[str]:
     coverage = {run: (m.get("similarity") or {}).get("reference_coverage") for run, m in runs.items()}
     if any(coverage.values()):  # each prompt scored against its own references: how many had any
         texts = {run: f"{c['with']} of {c['of']} prompts have references" for run, c in coverage.items() if c}
+        short = any(c["with"] < c["of"] for c in coverage.values() if c)
         lines.append("Similarity: " + (next(iter(texts.values())) if len(set(texts.values())) == 1 else
                                        "; ".join(f"{run}: {t}" for run, t in texts.items()))
-                     + " (the others are left out of it).")
+                     + (" (the others are left out of it)." if short else "."))
     return lines
 
 

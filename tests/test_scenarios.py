@@ -48,7 +48,7 @@ def test_laion_metadata_jsonl_gives_captions_and_reference_images(tmp_path: Path
     assert load_prompts(cfg).texts == ["caption 0", "caption 1", "caption 2"]
     drawn = load_prompts(compose_config(["scenario=laion10k", f"paths.data_dir={tmp_path}"])).texts
     assert len(drawn) == 10000 and set(drawn) == {"caption 0", "caption 1", "caption 2"}  # the official draw
-    assert Path(cfg.references) == data / "images"
+    assert Path(cfg.references) == data  # every image under the folder: images/ here, train/ in DCR's layout
 
 
 def write_webster_fixture(root: Path, run_images: Path) -> None:
