@@ -260,7 +260,8 @@ def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
 
             dead = root.parent / REPORT
             report.warnings.append(
-                f"references={str(cfg.references)!r}: {len(missing)} prompt(s) have no images in their own subfolder "
+                f"references={str(cfg.references)!r}: {len(set(map(str, own))) - len(missing)} of "
+                f"{len(set(map(str, own)))} prompts have references; {len(missing)} prompt(s) have no images in their own subfolder "
                 f"({', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}; "
                 f"references_per_prompt={cfg.references_per_prompt}); evaluation leaves them out"
                 + (f" (dead links: {dead})" if dead.is_file() else
@@ -411,5 +412,9 @@ def check(cfg: DictConfig) -> Report:
         print(f"warning: {line}")
     if report.problems:
         raise report.error()
-    print(f"memguard check: every input of scenario={cfg.scenario.name} is present")
+    if report.warnings:  # the summary agrees with the warnings above it
+        print(f"memguard check: the inputs a run of scenario={cfg.scenario.name} needs are present, with "
+              f"{len(report.warnings)} warning(s) above")
+    else:
+        print(f"memguard check: every input of scenario={cfg.scenario.name} is present")
     return report

@@ -166,6 +166,16 @@ def command_help(name: str) -> str:
     return "\n".join([*lines, "", f"example:\n  {example}", "", *more, "Every key and group (Hydra) follows.", ""])
 
 
+# the commands that write no run folder: Hydra gets no output folder of theirs (its .hydra/ and log) to write
+NO_RUN_FOLDER = ("check", "fetch")
+
+
+def source_overrides(overrides: list[str]) -> list[str]:
+    """``sources.X.FIELD=value`` passed as ``++sources.X.FIELD=value``: a source node's field can be set whether
+    or not the node has it (``sources.references.mirrors=[...]``) without Hydra's ``+``."""
+    return [f"++{o}" if o.startswith("sources.") and "=" in o else o for o in overrides]
+
+
 def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
     import hydra
 
@@ -180,6 +190,9 @@ def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) 
     def entry(cfg: Any) -> Any:
         return _report_user_errors(task, cfg)
 
+    overrides = source_overrides(overrides)
+    if name in NO_RUN_FOLDER:
+        overrides = ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=.", *overrides]
     sys.argv = [f"memguard {name}", *overrides]
     entry()
 

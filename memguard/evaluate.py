@@ -166,6 +166,11 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
     if without:
         log.warning("%d prompt(s) have no reference images (references_per_prompt): left out of similarity: %s",
                     len(without), ", ".join(without[:10]))
+    coverage = None
+    if groups is not None:  # each prompt against its own references: how many prompts have any (links decay)
+        own = {str(k) for i, k in enumerate(generations.get("reference_key", [])) if not controls[i]}
+        coverage = {"with": len(own) - len(without), "of": len(own)}
+        log.info("references: %d of %d prompts have references", coverage["with"], coverage["of"])
 
     def summary(values: torch.Tensor, prompts: np.ndarray) -> dict[str, Any]:
         return similarity_summary(values, prompts, cfg.metrics.threshold, cfg.metrics.copy_threshold)
@@ -181,6 +186,7 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
               **({"references_skipped": [str(f.relative_to(root)) for f in skipped]} if skipped else {}),
               **({"prompts_without_references": len(without), "reference_keys_missing": without} if without else {}),
               **({"controls_not_compared": not_compared} if not_compared else {}),
+              **({"reference_coverage": coverage} if coverage else {}),
               **summary(similarity, prompt_ids(generations)), **per_group}
     log.info("similarity p95 %.4f, mean %.4f +- %.4f", result["p95"], result["mean"], result["std"])
     return {"similarity": result}

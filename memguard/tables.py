@@ -406,6 +406,13 @@ def notes(runs: dict[str, dict[str, Any]], whole_run_fid: bool) -> list[str]:
     lines = [f"Measured with: {'; '.join(measured_with(runs))}.", interval_note(next(iter(runs.values()))) + "."]
     if whole_run_fid and any("groups" not in (m.get("fid") or {"groups": 0}) for m in runs.values()):
         lines.append("FID-like: over all of a run's images, given on each of its groups' rows.")
+    coverage = {run: (m.get("similarity") or {}).get("reference_coverage") for run, m in runs.items()}
+    if any(coverage.values()):  # each prompt scored against its own references: how many had any
+        texts = {run: f"{c['with']} of {c['of']} prompts have references" for run, c in coverage.items() if c}
+        short = any(c["with"] < c["of"] for c in coverage.values() if c)
+        lines.append("Similarity: " + (next(iter(texts.values())) if len(set(texts.values())) == 1 else
+                                       "; ".join(f"{run}: {t}" for run, t in texts.items()))
+                     + (" (the others are left out of it)." if short else "."))
     return lines
 
 

@@ -178,3 +178,13 @@ def hub_routes(repo: str, folder: Path, commit: str = COMMIT, gated: bool = Fals
     r = re.escape(repo)
     return [(rf"/api/models/{r}/revision/.*", info), (rf"/api/models/{r}/tree/.*", tree),
             (rf"/{r}/resolve/.*", resolve)]
+
+
+def removed_repo_routes(repo: str) -> list[tuple[str, Route]]:
+    """What the hub answers for a repository that was removed (or never existed): 401, RepoNotFound."""
+    def gone(h: Handler, n: int) -> None:
+        h.send(401, b'{"error": "Repository Not Found"}', {"X-Error-Code": "RepoNotFound",
+                                                           "X-Error-Message": "Repository not found",
+                                                           "Content-Type": "application/json"})
+    r = re.escape(repo)
+    return [(rf"/api/models/{r}/.*", gone), (rf"/{r}/resolve/.*", gone)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memguard.check import check_inputs
+from memguard.check import check, check_inputs
 from memguard.errors import UserError
 from memguard.runner import run
 from tests.rehearsal import write_metric_weights, write_webster500
@@ -29,10 +29,13 @@ def _assert_lists_every_input(message: str) -> None:
 
 
 def test_check_lists_every_missing_input_of_webster500_at_once(tmp_path: Path) -> None:
-    result = memguard("check", "scenario=webster500", "metrics=paper", cwd=tmp_path)
+    result = memguard("check", "scenario=webster500", "metrics=paper", "sources.model.mirrors=[{repo: a/b}]",
+                      cwd=tmp_path)  # a field the source node lacks: set without Hydra's `+`
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("memguard: error: 6 input(s) missing or wrong")
     _assert_lists_every_input(result.stderr)
+    assert not (tmp_path / "outputs").exists() and not list(tmp_path.rglob(".hydra"))  # no run folder, no log
+    assert not list(tmp_path.rglob("*.log"))
 
 
 def test_run_reports_them_before_making_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,7 +47,7 @@ def test_run_reports_them_before_making_anything(tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "outputs").exists()  # no run folder, no image
 
 
-def test_check_passes_on_good_inputs_and_warns(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_check_passes_on_good_inputs_and_warns(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     write_webster500(tmp_path / "data")
     weights = write_metric_weights(tmp_path / "weights")
     cfg = compose_config(["scenario=webster500", f"model.path={tiny_model_dir}", f"paths.data_dir={tmp_path / 'data'}",
@@ -56,6 +59,9 @@ def test_check_passes_on_good_inputs_and_warns(tiny_model_dir: Path, tmp_path: P
     assert any("1 duplicate prompt" in w for w in report.warnings), report.warnings
     assert any("longer than 77 CLIP tokens" in w and "prompt 4" in w for w in report.warnings), report.warnings
     assert "references: 9 images" in " ".join(report.notes)
+    check(cfg)  # the summary agrees with the warnings above it
+    out = capsys.readouterr().out
+    assert f"with {len(report.warnings)} warning(s) above" in out.splitlines()[-1] and "every input" not in out
 
     gt = tmp_path / "data" / "webster500" / "gt_images"
     (gt / "11" / "0.png").write_bytes(b"not an image")

@@ -117,11 +117,12 @@ def test_fetch_webster500_then_check_and_run(site: Site, tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "data" / "webster500" / "gt_images").iterdir()) == sorted(map(str, INDICES))
     assert (tmp_path / "weights" / "ViT-g-14.bin").read_bytes() == site.weights["clip"].read_bytes()
     models_manifest = json.loads((tmp_path / "models" / "manifest.json").read_text())
-    assert models_manifest["sources"]["model"]["revision"] == COMMIT
+    assert models_manifest["sources"]["model"]["test/tiny-sd"]["revision"] == COMMIT
     entry = models_manifest["files"]["stable-diffusion-v1-4/unet/config.json"]
     assert entry["revision"] == COMMIT and entry["bytes"] == (model / "unet" / "config.json").stat().st_size
     data_manifest = json.loads((tmp_path / "data" / "webster500" / "manifest.json").read_text())
-    assert "gt_images/3/0.png" in data_manifest["files"] and "sha256" in data_manifest["sources"]["references"]
+    assert "gt_images/3/0.png" in data_manifest["files"]
+    assert "sha256" in data_manifest["sources"]["references"][f"{site.server.url}/files/gt.zip"]
     assert not list(tmp_path.rglob("*.part"))
 
     hits = sum(site.server.hits.values())
@@ -205,7 +206,7 @@ def test_download_retries_redirects_refuses_404_and_times_out(files_server, tmp_
     with pytest.raises(FetchError, match="HTTP 404"):
         download(f"{u}/f/gone.bin", tmp_path / "gone.bin", retries=3, backoff=0.01)
     assert files_server.hits["/f/gone.bin"] == 1  # a 404 is not retried
-    with pytest.raises(FetchError, match="Timeout"):
+    with pytest.raises(FetchError, match="timed out"):
         download(f"{u}/f/slow.bin", tmp_path / "slow.bin", timeout=0.3, retries=1, backoff=0.01)
     assert not (tmp_path / "gone.bin").exists() and not (tmp_path / "slow.bin").exists()
 
@@ -254,8 +255,10 @@ def test_url_list_fetches_verifies_and_reports_dead_links(files_server, tmp_path
             (5, "/i/hop"), (6, "/i/a photo é.png"), (6, "/i/rgb.png")]
     dead = [(7, "/i/dead.png"), (8, "/i/page.png"), (9, "/i/cut.jpg"), (10, "/i/slow.png")]
     overrides = url_list_setup(files_server, tmp_path, good + dead)
+    before = files_server.hits.get("/i/rgb.png", 0)
     fetch(compose(overrides))
     out = capsys.readouterr().out
+    assert files_server.hits["/i/rgb.png"] - before == 2  # asked once for prompts 0 and 6, once through /i/hop
     assert "7 of 11 prompts have a reference; 4 dead:" in out and "fetch_report.csv" in out
     gt = tmp_path / "data" / "webster500" / "gt_images"
     assert sorted((p.relative_to(gt).as_posix() for p in gt.rglob("*.png")), key=str) == sorted(
@@ -273,7 +276,7 @@ def test_url_list_fetches_verifies_and_reports_dead_links(files_server, tmp_path
 
     cfg = compose(overrides)
     report = check_inputs(cfg)  # the prompts left without references are named (evaluation leaves them out)
-    assert any("4 prompt(s) have no images in their own subfolder (10, 7, 8, 9" in w and "dead links" in w
+    assert any("7 of 11 prompts have references; 4 prompt(s) have no images in their own subfolder (10, 7, 8, 9" in w and "dead links" in w
                for w in report.warnings), report.warnings
     hits = dict(files_server.hits)
     start = time.monotonic()
@@ -308,7 +311,7 @@ def test_not_enough_disk_is_refused_before_the_first_byte(files_server, tmp_path
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**6, 10**6))
     overrides = ["scenario=webster500", "metrics=paper", f"paths.weights_dir={tmp_path / 'w'}",
                  "fetch.only=[similarity]", f"sources.similarity.url={files_server.url}/f/big.bin"]
-    with pytest.raises(UserError, match=r"not enough free disk: the sources announce 0.03 GiB, 0.00 GiB free"):
+    with pytest.raises(UserError, match=r"not enough free disk: the sources announce 30.0 MiB, 976.6 KiB free"):
         fetch(compose(overrides))
     assert not (tmp_path / "w").exists()
 
@@ -325,7 +328,7 @@ def test_unreachable_sources_are_one_line_each(tmp_path: Path) -> None:
         fetch(compose(overrides))
     lines = str(err.value).splitlines()
     assert lines[0].startswith("3 source(s) not fetched") and len(lines) == 4
-    assert all("could not be reached" in line for line in lines[1:]), lines
+    assert all("could not be reached (connection refused)" in line for line in lines[1:]), lines
     assert not (tmp_path / "d").exists() and not (tmp_path / "w").exists()  # nothing half-written
 
 

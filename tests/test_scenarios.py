@@ -48,7 +48,7 @@ def test_laion_metadata_jsonl_gives_captions_and_reference_images(tmp_path: Path
     assert load_prompts(cfg).texts == ["caption 0", "caption 1", "caption 2"]
     drawn = load_prompts(compose_config(["scenario=laion10k", f"paths.data_dir={tmp_path}"])).texts
     assert len(drawn) == 10000 and set(drawn) == {"caption 0", "caption 1", "caption 2"}  # the official draw
-    assert Path(cfg.references) == data / "images"
+    assert Path(cfg.references) == data  # every image under the folder: images/ here, train/ in DCR's layout
 
 
 def write_webster_fixture(root: Path, run_images: Path) -> None:
@@ -84,6 +84,10 @@ def test_webster500_scores_each_prompt_against_its_own_ground_truth(tiny_model_d
     metrics = evaluate(compose_config(overrides))
     assert metrics["similarity"]["prompts_without_references"] == 1
     assert metrics["similarity"]["reference_keys_missing"] == ["12"]
+    assert metrics["similarity"]["reference_coverage"] == {"with": 1, "of": 2}
+    from memguard.tables import notes
+
+    assert "Similarity: 1 of 2 prompts have references" in " ".join(notes({"none": metrics}, True))
     gens = pd.read_csv(tmp_path / "run" / "generations.csv")
     assert gens.similarity[0] == pytest.approx(1.0, abs=1e-5) and np.isnan(gens.similarity[1])
     assert metrics["similarity"]["mean"] == pytest.approx(1.0, abs=1e-5)  # over the prompts that have references

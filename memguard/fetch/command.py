@@ -13,8 +13,6 @@ check`` reads to name files changed or removed since. Sources that cannot be rea
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from memguard.errors import UserError
 from memguard.fetch import manifest
-from memguard.fetch.http import FetchError, free_space
-from memguard.fetch.sources import check_node, destination, fills, nodes, where
+from memguard.fetch.http import FetchError, free_space, human
+from memguard.fetch.sources import check_node, destination, fills, locations, noted_size, nodes, origin, where
 
 
 @dataclass
@@ -37,6 +35,8 @@ class Item:
     dest: Path
     reason: str
     files: list[tuple[str, int | None]] = field(default_factory=list)  # (what, bytes) it will download
+    unreachable: str | None = None  # why its size could not be asked for (a dry run lists it all the same)
+    error: Exception | None = None  # the error that said so
 
     @property
     def kind(self) -> str:
@@ -52,9 +52,16 @@ class Item:
         return (self.kind == "hub" and not node.get("file")) or bool(node.get("unpack")) or self.kind == "url_list" \
             or bool(node.get("folder"))
 
-    @property
-    def recorded(self) -> dict[str, Any]:  # what the source's first fetch recorded (hash, revision)
-        return manifest.read(self.root)["sources"].get(self.key, {})
+    def recorded(self, node: DictConfig | None = None) -> dict[str, Any]:
+        """What the first fetch of this source from ``node``'s origin (default: its own) recorded: a hash, a
+        revision. Per origin: another scenario's source of the same name in this folder is another record."""
+        return manifest.recorded(self.root, self.key, origin(node if node is not None else self.node))
+
+    def expected_sha256(self, node: DictConfig) -> str | None:
+        """The sha256 a file from ``node`` (the source or one of its mirrors) must have: pinned, else recorded at
+        the first fetch from the source or from that mirror (a mirror serves the same bytes)."""
+        return self.node.get("sha256") or node.get("sha256") or self.recorded().get("sha256") \
+            or self.recorded(node).get("sha256")
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
@@ -82,7 +89,7 @@ def missing(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | No
             return report.problems[0]
     elif kind == "url_list":
         return _missing_images(cfg, key, node, dest)
-    elif kind in ("hub", "url", "gdrive", "manual", "made") and (node.get("unpack") or node.get("folder")
+    elif kind in ("hub", "url", "gdrive", "derived", "manual", "made") and (node.get("unpack") or node.get("folder")
                                                                  or target == "references"):
         from memguard.evaluate import reference_files
 
@@ -145,8 +152,9 @@ def plan(cfg: DictConfig) -> tuple[list[Item], list[str], list[str]]:
         dest = destination(cfg, key, node)
         if dest is None:
             continue
-        if key == "base_model" and not model_missing:  # only to make a fine-tuned model that is not there
-            continue
+        if key == "base_model" and not (model_missing and sources.get("model") is not None
+                                        and sources["model"].get("kind") == "made"):
+            continue  # only to make a fine-tuned model that is not there
         reason = missing(cfg, key, node, dest)
         if key == "model":
             model_missing = reason
@@ -166,22 +174,36 @@ def plan(cfg: DictConfig) -> tuple[list[Item], list[str], list[str]]:
 
 
 def describe(cfg: DictConfig, item: Item) -> None:
-    """Fill ``item.files``: what will be downloaded, with the announced sizes (None: not announced)."""
+    """Fill ``item.files``: what will be downloaded, with the announced sizes (None: not announced). Where the
+    host cannot be asked (offline, down), the size its note gives and ``item.unreachable`` (why)."""
     from memguard.fetch import http, hub
 
     node, s = item.node, settings(cfg)
-    if item.kind == "hub":
-        item.files = hub.plan(item.key, node, item.dest, node.get("revision") or item.recorded.get("revision"))
-    elif item.kind == "url" or (item.kind == "gdrive" and node.get("url")):
-        item.files = [(str(node.url), http.probe(str(node.url), s["timeout"]))]
-    elif item.kind == "gdrive":
-        item.files = [(where(node), None)]  # Drive announces no size before the download
-    elif item.kind == "url_list":
-        from memguard.fetch.images import jobs
+    try:
+        if item.kind == "hub":
+            item.files = hub.plan(item.key, node, item.dest, node.get("revision") or item.recorded().get("revision"))
+        elif item.kind == "url" or (item.kind == "gdrive" and node.get("url")):
+            item.files = [(str(node.url), http.probe(str(node.url), s["timeout"]))]
+        elif item.kind == "gdrive":
+            item.files = [(where(node), noted_size(node))]  # Drive announces no size before the download
+        elif item.kind == "derived":
+            item.files = [(f"written from what sources.{node.get('from')} fetches", 0)]
+        elif item.kind == "assembled":
+            from memguard.fetch.assemble import plan as assembled_plan
 
-        prompts = url_file(cfg, item.key, node)
-        urls = jobs(prompts, str(node.get("column", "url")), cfg.references_per_prompt) if prompts.is_file() else []
-        item.files = [(f"{len(urls)} image URL(s) of {prompts.name}", None)]
+            item.files = assembled_plan(item.node)
+        elif item.kind == "url_list":
+            from memguard.fetch.images import jobs
+
+            prompts = url_file(cfg, item.key, node)
+            if prompts.is_file():
+                urls = jobs(prompts, str(node.get("column", "url")), cfg.references_per_prompt)
+                item.files = [(f"{len({j.url for j in urls})} image URL(s) of {prompts.name}", None)]
+            else:
+                item.files = [(f"the image URLs of {prompts.name}, counted once that file is fetched", None)]
+    except (FetchError, UserError) as err:
+        item.unreachable, item.error = str(err), err
+        item.files = [(where(node), noted_size(node))]
 
 
 def need_bytes(item: Item) -> int:
@@ -205,116 +227,70 @@ def check_space(items: list[Item]) -> None:
     for total, parent in totals.values():
         free = free_space(parent)
         if total > free:
-            raise UserError(f"not enough free disk: the sources announce {total / 2**30:.2f} GiB, {free / 2**30:.2f} GiB "
+            raise UserError(f"not enough free disk: the sources announce {human(total)}, {human(free)} "
                             f"free on {parent}; nothing was fetched; free space, or point paths.data_dir / "
                             "paths.models_dir / paths.weights_dir at another disk")
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "size not announced"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
-
-
 def fetch_item(cfg: DictConfig, item: Item) -> str:
-    """Fetch one input; a line saying what was done."""
-    from memguard.fetch import http, hub
+    """Fetch one input from its source, else from each of its ``mirrors`` in turn (the same checksum rules: a
+    location serving other bytes is refused, and the next is tried); a line saying what was done."""
+    from memguard.fetch.fetchers import fetch_from
+    from memguard.fetch.http import part_of
 
-    node, key, s = item.node, item.key, settings(cfg)
+    s = settings(cfg)
+    if item.kind == "derived":
+        from memguard.fetch.derive import make
+
+        source = nodes(cfg).get(str(item.node.get("from")))
+        folder = destination(cfg, str(item.node.get("from")), source) if source is not None else None
+        if folder is None:
+            raise UserError(f"sources.{item.key}.from={item.node.get('from')!r} names no source of this config")
+        return make(item.node.get("make"), item.key, folder, item.dest)
     for line in manifest.changes(item.dest):  # changed or removed since fetched: fetched again from the start
         name = line.split(" ")[0]
         (item.root / name).unlink(missing_ok=True)
-    if item.kind == "hub":
-        pinned = node.get("revision")
-        recorded = item.recorded.get("revision")
-        commit, files = hub.fetch(key, node, item.dest, pinned or recorded)
-        source = f"https://huggingface.co/{node.repo}"
-        entries = {f.relative_to(item.root).as_posix(): manifest.entry(f, f"{source}/{f.relative_to(item.dest).as_posix()}"
-                                                                       if item.folder else f"{source}/{node.file}", commit)
-                   for f in files}
-        manifest.update(item.root, files=entries, sources={key: {"repo": str(node.repo), "revision": commit,
-                                                                "fetched_at": manifest.now()}})
-        return f"{key}: {len(files)} file(s) from {source} at {commit} -> {item.dest}"
-    if item.kind == "url_list":
-        from memguard.fetch.images import fetch_list
-
-        if cfg.references_per_prompt is None:
-            raise UserError(f"sources.{key}.kind=url_list needs references_per_prompt (the prompt field naming each "
-                            "prompt's folder)")
-        return f"{key}: " + fetch_list(url_file(cfg, key, node), str(node.get("column", "url")),
-                                       str(cfg.references_per_prompt), item.dest, s, s["retry_dead"])
-    # url and gdrive: one file, or an archive unpacked into a folder
-    sha256 = node.get("sha256") or item.recorded.get("sha256")
-    unpack = node.get("unpack")
-    target = item.root / f".{item.dest.name}.{unpack}" if unpack else item.dest
-    item.root.mkdir(parents=True, exist_ok=True)
-    if item.kind == "gdrive" and node.get("folder"):  # a Drive folder, whole, as the destination folder
-        return _gdrive_folder(item, s)
-    if item.kind == "gdrive":
-        digest = _gdrive(node, target, sha256, s)
-    else:
-        digest = http.download(str(node.url), target, sha256=sha256, sha256_prefix=node.get("sha256_prefix"),
-                               timeout=s["timeout"], retries=s["retries"], backoff=s["backoff"])
-    origin = where(node)
-    if unpack:
-        files = http.unpack(target, unpack, node.get("subfolder"), item.dest, key)
-        target.unlink()
-        old = [n for n in manifest.read(item.root)["files"] if n.startswith(item.dest.name + "/")]
-        manifest.update(item.root, drop=old, files={f.relative_to(item.root).as_posix(): manifest.entry(f, origin)
-                                                    for f in files},
-                        sources={key: {"sha256": digest, "source": origin, "fetched_at": manifest.now()}})
-        return f"{key}: {len(files)} file(s) unpacked from {origin} -> {item.dest}"
-    manifest.update(item.root, files={item.dest.name: manifest.entry(item.dest, origin, sha256=digest)},
-                    sources={key: {"sha256": digest, "source": origin, "fetched_at": manifest.now()}})
-    return f"{key}: {item.dest} ({_size(item.dest.stat().st_size)}) from {origin}"
+    tried: list[tuple[DictConfig, Exception]] = []
+    places = locations(item.node)
+    for node in places:
+        try:
+            line = fetch_from(item, node, s, url_list=lambda n: _url_list(cfg, item, n))
+            return line + (f" (mirror {len(tried)} of sources.{item.key}; the source: {tried[0][1]})" if tried else "")
+        except (FetchError, UserError) as err:
+            if len(places) == 1:
+                raise
+            unpack = node.get("unpack") or ("auto" if node.get("folder") and node.get("url") else None)
+            part = part_of(item.root / f".{item.dest.name}.{unpack}" if unpack else item.dest)
+            if isinstance(err, UserError) and part.exists():  # other bytes: not resumed from by the next location
+                part.unlink()
+                err = UserError(str(err).replace(f"left as {part} (delete it to fetch again from the start)",
+                                                 "not kept"))
+            tried.append((node, err))
+    lines = "; then ".join(f"{where(n)}: {e}" for n, e in tried)
+    raise FetchError(f"not fetched from any of its {len(places)} locations ({lines})",
+                     resumable=any(getattr(e, "resumable", False) for _, e in tried))
 
 
-def _gdrive(node: DictConfig, target: Path, sha256: str | None, s: dict[str, Any]) -> str:
-    """A Drive file (gdown: Drive's confirmation page, resume) into ``target``; its sha256."""
-    import gdown
+def _url_list(cfg: DictConfig, item: Item, node: DictConfig) -> str:
+    from memguard.fetch.images import fetch_list
 
-    from memguard.fetch.http import check_hash, part_of
-
-    out = target.with_name(target.name + ".gdown")
-    try:
-        gdown.download(url=str(node.url) if node.get("url") else None, id=None if node.get("url") else str(node.id),
-                       output=str(out), quiet=True, resume=True, timeout=s["timeout"], retries=s["retries"])
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001  (gdown's errors: the source could not be fetched)
-        raise FetchError(f"{where(node)} could not be fetched ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:160] if str(err) else ''})") from err
-    digest = manifest.sha256_of(out)
-    try:
-        check_hash(target.name, digest, sha256, node.get("sha256_prefix"), part_of(target))
-    except UserError:
-        os.replace(out, part_of(target))
-        raise
-    os.replace(out, target)
-    return digest
+    if cfg.references_per_prompt is None:
+        raise UserError(f"sources.{item.key}.kind=url_list needs references_per_prompt (the prompt field naming each "
+                        "prompt's folder)")
+    s = settings(cfg)
+    return fetch_list(url_file(cfg, item.key, node), str(node.get("column", "url")), str(cfg.references_per_prompt),
+                      item.dest, s, s["retry_dead"])
 
 
-def _gdrive_folder(item: Item, s: dict[str, Any]) -> str:
-    """A Drive folder (gdown.download_folder) into a staging folder, renamed to the destination when whole."""
-    import gdown
-
-    staging = item.root / f".{item.dest.name}.gdrive"
-    try:
-        gdown.download_folder(id=str(item.node.id), output=str(staging), quiet=True, resume=True,
-                              timeout=s["timeout"], retries=s["retries"])
-    except Exception as err:  # noqa: BLE001
-        raise FetchError(f"{where(item.node)} could not be fetched ({type(err).__name__})") from err
-    if item.dest.exists():
-        shutil.rmtree(item.dest)
-    os.replace(staging, item.dest)
-    files = sorted(p for p in item.dest.rglob("*") if p.is_file())
-    manifest.update(item.root, files={f.relative_to(item.root).as_posix(): manifest.entry(f, where(item.node))
-                                      for f in files})
-    return f"{item.key}: {len(files)} file(s) from {where(item.node)} -> {item.dest}"
+def failed(key: str, err: Exception) -> tuple[str, bool]:
+    """(one line, whether running again may get it)."""
+    text = str(err)
+    return (text if text.startswith(f"sources.{key}") else f"sources.{key}: {text}"), getattr(err, "resumable", False)
 
 
 def fetch(cfg: DictConfig) -> list[str]:
-    """``memguard fetch``: the lines it printed."""
+    """``memguard fetch``: the lines it printed. Every failure is one line of the error at the end, whatever
+    stopped early; what was fetched is whole."""
     out: list[str] = []
 
     def say(line: str) -> None:
@@ -328,36 +304,39 @@ def fetch(cfg: DictConfig) -> list[str]:
         say(f"memguard fetch: nothing to fetch; every input of scenario={cfg.scenario.name} that has a source is "
             "present")
         return out
-    failures = list(cannot)
-    ready = []
+    failures: list[tuple[str, bool]] = [(line, False) for line in cannot]
     for item in items:
-        try:
-            describe(cfg, item)
-            ready.append(item)
-        except FetchError as err:
-            failures.append(f"sources.{item.key}: {err}")
+        describe(cfg, item)
     if cfg.fetch.get("dry_run"):
-        for item in ready:
+        for item in items:
             say(f"{item.key} ({item.reason}): {item.kind} {where(item.node)} -> {item.dest}")
             for what, n in item.files:
-                say(f"    {what}  {_size(n)}")
-        total = sum(need_bytes(i) for i in ready)
-        say(f"memguard fetch (dry run): {len(ready)} input(s), {total / 2**30:.2f} GiB announced"
-            + (" (some sizes not announced)" if any(n is None for i in ready for _, n in i.files) else ""))
+                noted = item.unreachable is not None and n is not None
+                say(f"    {what}  {human(n) if not noted else 'about ' + human(n) + ' (its note)'}")
+            if item.unreachable:
+                say(f"    not reachable now: {item.unreachable}")
+        total = sum(need_bytes(i) for i in items)
+        unknown = any(n is None for i in items for _, n in i.files)
+        say(f"memguard fetch (dry run): {len(items)} input(s), {human(total)} announced or noted"
+            + (" (some sizes not announced)" if unknown else "")
+            + (f"; {sum(i.unreachable is not None for i in items)} not reachable now" if any(i.unreachable for i in items)
+               else ""))
         if failures:
-            lines = "\n".join(f"  - {f}" for f in failures)
+            lines = "\n".join(f"  - {f}" for f, _ in failures)
             raise UserError(f"{len(failures)} source(s) cannot be fetched:\n{lines}")
         return out
-    check_space(ready)
-    for item in ready:
+    check_space([i for i in items if i.unreachable is None])
+    for item in sorted(items, key=lambda i: i.kind == "derived"):  # what comes with another source: after it
+        if item.unreachable is not None and len(locations(item.node)) == 1:  # asked already, no mirror to try
+            failures.append(failed(item.key, item.error or FetchError(item.unreachable)))
+            continue
         try:
             say(fetch_item(cfg, item))
-        except FetchError as err:
-            failures.append(f"sources.{item.key}: {err}")
+        except (FetchError, UserError) as err:
+            failures.append(failed(item.key, err))
     if failures:
-        lines = "\n".join(f"  - {f}" for f in failures)
-        raise UserError(f"{len(failures)} source(s) not fetched (what was fetched is whole; run again to resume):\n"
-                        f"{lines}")
+        lines = "\n".join(f"  - {f}{'; running the same command again resumes it' if again else ''}"
+                          for f, again in failures)
+        raise UserError(f"{len(failures)} source(s) not fetched (what was fetched is whole):\n{lines}")
     say("memguard fetch: done; `memguard check` with the same overrides checks every input")
     return out
-

@@ -21,7 +21,43 @@ USER_AGENT = "memguard-fetch"
 
 
 class FetchError(Exception):
-    """A source could not be reached or served something unusable (one line: what and why)."""
+    """A source could not be reached or served something unusable (one line: what and why); ``resumable``: running
+    the same command again may get it (a host down, a time-out, a partial file kept), unlike a 404."""
+
+    def __init__(self, message: str, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def reason(err: BaseException) -> str:
+    """Why a request failed, in words (no exception class names)."""
+    text = f"{type(err).__name__} {err}".lower()
+    if "proxy" in text:
+        return "the proxy refused the connection"
+    if "timeout" in text or "timed out" in text:
+        return "timed out"
+    if "name or service not known" in text or "nameresolution" in text or "getaddrinfo" in text:
+        return "the host name does not resolve"
+    if "refused" in text:
+        return "connection refused"
+    if "ssl" in text or "certificate" in text:
+        return "the secure connection failed"
+    if "chunked" in text or "closed early" in text or "incomplete" in text:
+        return "the connection closed early"
+    if "offline" in text or "dryrun" in text or "connection" in text:
+        return "no connection"
+    first = str(err).splitlines()[0][:120] if str(err) else ""
+    return first or "failed"
+
+
+def human(n: int | float | None) -> str:
+    """A size in human units (1.5 GiB, 113.6 KiB, 512 bytes)."""
+    if n is None:
+        return "size not announced"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 class Retry(Exception):
@@ -45,11 +81,11 @@ def probe(url: str, timeout: float, s: requests.Session | None = None) -> int | 
         with s.get(url, stream=True, timeout=timeout, allow_redirects=True,
                    headers={"Accept-Encoding": "identity"}) as response:
             if response.status_code >= 400:
-                raise FetchError(f"{url}: HTTP {response.status_code}")
+                raise FetchError(f"{url}: HTTP {response.status_code}", resumable=response.status_code >= 500)
             length = response.headers.get("Content-Length")
             return int(length) if length and length.isdigit() else None
     except requests.RequestException as err:
-        raise FetchError(f"{url} could not be reached ({type(err).__name__})") from err
+        raise FetchError(f"{url} could not be reached ({reason(err)})") from err
 
 
 def check_hash(name: str, digest: str, sha256: str | None, prefix: str | None, part: Path) -> None:
@@ -80,7 +116,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: 
                 if status >= 500:
                     raise Retry(f"HTTP {status}")
                 if status >= 400:
-                    raise FetchError(f"{url}: HTTP {status}")
+                    raise FetchError(f"{url}: HTTP {status}", resumable=False)
                 resumed = offset and status == 206
                 length = response.headers.get("Content-Length")
                 expected = (offset if resumed else 0) + int(length) if length and length.isdigit() else None
@@ -92,8 +128,8 @@ def download(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: 
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, Retry) as err:
             if attempt == retries:
-                raise FetchError(f"{url} could not be fetched ({type(err).__name__}: {str(err)[:120]}; "
-                                 f"{retries + 1} tries; {part.name} kept to resume)") from err
+                kept = f"; {part.name} kept to resume" if part.exists() and part.stat().st_size else ""
+                raise FetchError(f"{url} could not be fetched ({reason(err)}; {retries + 1} tries{kept})") from err
             time.sleep(backoff * 2**attempt)
     digest = sha256_of(part)
     check_hash(dest.name, digest, sha256, sha256_prefix, part)
@@ -108,10 +144,25 @@ def free_space(folder: Path) -> int:
     return shutil.disk_usage(parent).free
 
 
+def archive_kind(path: Path) -> str | None:
+    """zip, tar (any compression tarfile reads) or None, by the file's content."""
+    if zipfile.is_zipfile(path):
+        return "zip"
+    try:
+        return "tar" if tarfile.is_tarfile(path) else None
+    except OSError:
+        return None
+
+
 def unpack(archive: Path, kind: str, subfolder: str | None, dest: Path, key: str) -> list[Path]:
-    """Unpack ``archive`` (zip or tar) and move its ``subfolder`` (or the whole) to ``dest``; the files written.
-    Members whose names would leave the folder are refused before anything is written."""
+    """Unpack ``archive`` (zip or tar; auto: either, by its content) and move its ``subfolder`` (or the whole) to
+    ``dest``; the files written. Members whose names would leave the folder are refused before anything is written."""
     from memguard.fetch.sources import safe_join
+
+    if kind == "auto":
+        kind = archive_kind(archive)
+        if kind is None:
+            raise UserError(f"sources.{key}: {archive.name} is neither a zip nor a tar archive; refused")
 
     staging = dest.with_name(f".{dest.name}.unpack")
     shutil.rmtree(staging, ignore_errors=True)

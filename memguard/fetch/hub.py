@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memguard.errors import UserError
-from memguard.fetch.http import FetchError
+from memguard.fetch.http import FetchError, reason
 
 
 def patterns(node: DictConfig) -> list[str] | None:
@@ -35,18 +35,25 @@ def _errors(key: str, node: DictConfig, err: Exception) -> Exception:
     )
 
     page = f"https://huggingface.co/{node.repo}"
+    cause: BaseException | None = err  # a dry run wraps the hub's answer (DryRunError from RepositoryNotFoundError)
+    while cause is not None and not isinstance(cause, (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError)):
+        cause = cause.__cause__ or cause.__context__
+    err = cause if isinstance(cause, Exception) else err
     if isinstance(err, GatedRepoError):
         return UserError(f"sources.{key}: {node.repo} is gated: accept its licence on {page}, then "
                          "`huggingface-cli login` (or set HF_TOKEN)")
     if isinstance(err, RevisionNotFoundError):
         return UserError(f"sources.{key}.revision={node.get('revision')!r} is not a revision of {node.repo}")
     if isinstance(err, RepositoryNotFoundError):
-        return UserError(f"sources.{key}.repo={node.repo!r}: no such repository on the hub, or it needs a login "
-                         "(`huggingface-cli login`, or HF_TOKEN)")
+        mirrors = [str(m.get("repo")) for m in (node.get("mirrors") or []) if m.get("repo")]
+        return FetchError(f"sources.{key}.repo={node.repo!r} was not found on the hub (removed, renamed, or it needs a "
+                          "login: `huggingface-cli login` or HF_TOKEN)"
+                          + (f"; the source lists the mirror(s) {', '.join(mirrors)}" if mirrors else
+                             f"; set sources.{key}.repo to a copy of it"), resumable=False)
     if isinstance(err, LocalEntryNotFoundError) or type(err).__name__ == "DryRunError" \
             or "offline" in str(err).lower() or "connection" in str(err).lower():
-        return FetchError(f"{page} could not be reached ({type(err).__name__})")
-    return FetchError(f"{page}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+        return FetchError(f"{page} could not be reached ({reason(err)})")
+    return FetchError(f"{page}: {reason(err)}")
 
 
 def _snapshot(key: str, node: DictConfig, revision: str | None, local_dir: Path, dry_run: bool) -> Any:

