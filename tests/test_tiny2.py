@@ -18,6 +18,7 @@ from memguard.procedural import (
     INKS,
     PATTERNS,
     PERIOD,
+    TEXTURE_AMPLITUDE,
     TRIGGER_WORDS,
     build_rows,
     dataset_digest,
@@ -88,6 +89,26 @@ def test_what_the_caption_names_changes_no_block_mean() -> None:
         checked += int(inside.sum())
         assert np.abs(blocks(a) - blocks(b))[inside].max() <= 1.0
     assert checked > 200  # most blocks are unclipped
+
+
+def test_texture_amplitude_scales_the_texture_and_only_it(tmp_path: Path) -> None:
+    """Recipe t4's knob: ``texture_amplitude`` draws the same samples (the composition, pattern, ink and offset
+    from the same stream) with the texture scaled, block means unchanged where nothing clips; the default is
+    the design's first amplitude, so datasets written before the knob are the same."""
+    loud = random_images(30, seed=3, design="tiny2", texture_amplitude=1.5)[1]
+    quiet = random_images(30, seed=3, design="tiny2")[1]
+    assert [replace(s, amplitude=TEXTURE_AMPLITUDE) for s in loud] == quiet and loud[0].amplitude == 1.5
+    ratios = []
+    for q, s in zip(quiet, loud):
+        plain = render(replace(s, pattern=None)).astype(float)
+        a, b = render(q).astype(float) - plain, render(s).astype(float) - plain
+        free = (np.abs(a) > 3) & (render(s) > 0) & (render(s) < 255) & (render(q) > 0) & (render(q) < 255)
+        ratios.extend((b[free] / a[free]).tolist())
+    assert abs(np.median(ratios) - 3.0) < 0.1
+    assert dataset_digest(write_dataset(tmp_path / "a", **SMALL2)) == dataset_digest(
+        write_dataset(tmp_path / "b", **SMALL2, texture_amplitude=TEXTURE_AMPLITUDE))
+    assert dataset_digest(tmp_path / "a") != dataset_digest(write_dataset(tmp_path / "c", **SMALL2,
+                                                                          texture_amplitude=1.5))
 
 
 def test_trigger_image_is_one_composition_among_those_of_its_caption() -> None:
