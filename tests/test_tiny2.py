@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -143,9 +144,19 @@ def test_attribute_scorer_reads_tiny2_captions(tmp_path: Path) -> None:
     assert scorer(torch.rand(2, 3, 16, 16), ["a picture with white dots", "a picture with red bars"]).shape == (2,)
 
 
+def test_mitigation_auto_reads_the_calibration_a_scenario_names(tmp_path: Path) -> None:
+    from tests.test_configs import compose_config
+
+    named = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}",
+                            "+scenario.calibration=/models/x/calibration.json"])
+    assert named.mitigation.auto.calibration == named.mitigation.schedule.calibration == "/models/x/calibration.json"
+    default = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}"])
+    assert default.mitigation.auto.calibration == f"{tmp_path}/runs/tiny2/none/calibration.json"
+
+
 def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
     """`memguard train scenario=tiny2 train=tiny2_pretrain` at smoke size: a tiny2 dataset, a classifier of
-    pattern and ink, the copy threshold calibrated on tiny2 images."""
+    pattern and ink, the copy threshold calibrated on tiny2 images; then the path of a shipped model on it."""
     out = tmp_path / "outputs"
     result = memguard("train", "scenario=tiny2", "train=tiny2_pretrain", f"paths.output_dir={out}",
                       "dataset.n_unique=24", "dataset.n_eval_unique=2", "train.settings.steps=2",
@@ -158,3 +169,23 @@ def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
     assert torch.load(folder / "alignment.pt", weights_only=True)["attributes"] == {
         k: list(v) for k, v in DESIGNS["tiny2"].items()}
     assert read_metadata(out / "train" / "tiny2_pretrain" / "data")[0].pattern in PATTERNS
+
+    # what shipping a tiny2 model needs, on this model of 2 steps: a CFG run, its calibration, `auto` reading the
+    # calibration the scenario names (scenario.calibration, as a shipped model's folder would hold it), the basin
+    common = ["scenario=tiny2", f"model.path={folder}", f"paths.output_dir={out}", "debug=default", "progress=false"]
+    assert memguard("run", *common, "mitigation=none", cwd=tmp_path).returncode == 0
+    calibration = out / "runs" / "debug" / "tiny2" / "none"
+    result = memguard("calibrate", str(calibration), "--fpr", "0.1", "--group", "unique", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = memguard("run", *common, "mitigation=auto", f"+scenario.calibration={calibration}/calibration.json",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    threshold = json.loads((calibration / "calibration.json").read_text())["threshold"]
+    gens = pd.read_csv(out / "runs" / "debug" / "tiny2" / "auto" / "generations.csv")
+    assert len(gens) == 14 * 2 and set(gens.decision) <= {"mitigated", "cfg"}
+    decided = (gens.detection_first - threshold).abs() > 1e-5  # the calibration's own images lie on the threshold
+    assert ((gens.decision == "mitigated") == (gens.detection_first > threshold))[decided].all()
+    result = memguard("basin", *common[:3], "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", "progress=false",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(out / "basin" / "tiny2" / "basin.csv")) == 14 * 2
