@@ -189,3 +189,13 @@ def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(out / "basin" / "tiny2" / "basin.csv")) == 14 * 2
+
+
+def test_tiny2_grid_names_the_table_rows_on_scenario_tiny2() -> None:
+    from tests.test_configs import compose_config
+
+    cfg = compose_config(["experiment=tiny2_grid"], hydra=True)
+    rows = cfg.hydra.sweeper.params.mitigation.split(",")
+    assert cfg.scenario.name == "tiny2" and rows == ["none", "uncond", "stp", "dtp", "og_dtp", "han", "sail", "prss"]
+    for mitigation in rows:  # each row composes on the scenario (its dataset, metrics and model path)
+        assert compose_config(["experiment=tiny2_grid", f"mitigation={mitigation}"]).dataset.design == "tiny2"
