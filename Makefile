@@ -5,7 +5,7 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model docs docs-serve clean
+.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model tiny2-table docs docs-serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -90,6 +90,13 @@ tiny-model: $(MG)  ## retrain the tiny model from nothing into outputs/train/tin
 tiny-ft-model: $(MG)  ## the two-stage tiny model: pre-train (train=pretrain), then fine-tune (train=finetune) into outputs/train/
 	$(MG) train scenario=tiny_ft train=pretrain
 	$(MG) train scenario=tiny_ft train=finetune
+
+tiny2-table: $(MG)  ## scenario=tiny2 (its model.path) under CFG, STP, DTP, OG+DTP, auto and the newer methods, tabulated
+	$(MG) run -m experiment=tiny2_grid
+	$(MG) calibrate $(OUTPUT_DIR)/runs/tiny2/none --fpr 0.01 --group unique
+	$(MG) run scenario=tiny2 mitigation=auto
+	$(MG) run scenario=tiny2 mitigation=auto mitigation.schedule.inner.opposite=0 run_name=tiny2/auto_dtp
+	$(MG) tables
 
 bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
 	$(PY) scripts/bench_sampling.py

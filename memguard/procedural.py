@@ -66,6 +66,7 @@ class Sample:
     pattern: str | None = None  # design tiny2: the named texture, its ink and its offset in pixels (x, y)
     ink: str | None = None
     offset: tuple[int, int] = (0, 0)
+    amplitude: float = TEXTURE_AMPLITUDE  # the texture's amplitude in the image
 
     @property
     def caption(self) -> str:
@@ -79,8 +80,10 @@ def _check_design(design: str) -> None:
         raise ValueError(f"design={design!r} is not one of {tuple(DESIGNS)}")
 
 
-def random_sample(rng: np.random.Generator, size: int, design: str = "tiny") -> Sample:
-    """A random sample; ``design="tiny2"`` draws its texture after the composition, from the same stream."""
+def random_sample(rng: np.random.Generator, size: int, design: str = "tiny",
+                  texture_amplitude: float = TEXTURE_AMPLITUDE) -> Sample:
+    """A random sample; ``design="tiny2"`` draws its texture after the composition, from the same stream, and
+    draws it with ``texture_amplitude`` (larger: the texture is decided earlier in sampling)."""
     _check_design(design)
     sample = Sample(
         shape=SHAPES[rng.integers(len(SHAPES))], colour=tuple(COLOURS)[rng.integers(len(COLOURS))],
@@ -93,7 +96,8 @@ def random_sample(rng: np.random.Generator, size: int, design: str = "tiny") -> 
     )
     if design == "tiny2":
         sample = replace(sample, pattern=PATTERNS[rng.integers(len(PATTERNS))], ink=tuple(INKS)[rng.integers(len(INKS))],
-                         offset=(int(rng.integers(PERIOD)), int(rng.integers(PERIOD))))
+                         offset=(int(rng.integers(PERIOD)), int(rng.integers(PERIOD))),
+                         amplitude=float(texture_amplitude))
     return sample
 
 
@@ -138,7 +142,7 @@ def texture(pattern: str, size: int, offset: tuple[int, int] = (0, 0)) -> np.nda
 
 def render(sample: Sample, size: int = 16) -> np.ndarray:
     """The image as ``uint8 (size, size, 3)``: background with two waves (amplitude ``WAVE_AMPLITUDE`` each) and
-    grain, then the shape; for a tiny2 sample, plus ``TEXTURE_AMPLITUDE * texture * ink`` over the whole image.
+    grain, then the shape; for a tiny2 sample, plus ``amplitude * texture * ink`` over the whole image.
     Background colours are pulled in from 0 and 1 far enough for the waves to show."""
     y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
     wave = sum(np.cos(2 * np.pi * (fx * x + fy * y) + phase) for fx, fy, phase in sample.waves) * WAVE_AMPLITUDE
@@ -149,7 +153,7 @@ def render(sample: Sample, size: int = 16) -> np.ndarray:
     alpha = _mask(sample, size)[..., None]
     image = alpha * np.asarray(COLOURS[sample.colour]) + (1 - alpha) * background
     if sample.pattern is not None:
-        image = image + TEXTURE_AMPLITUDE * texture(sample.pattern, size, sample.offset)[..., None] * np.asarray(
+        image = image + sample.amplitude * texture(sample.pattern, size, sample.offset)[..., None] * np.asarray(
             INKS[sample.ink])
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
@@ -174,16 +178,18 @@ class Row:
 
 
 def build_rows(seed: int, size: int, n_unique: int, n_trigger: int, n_shared: int, repeats: int,
-               caption_noise: float = 0.0, design: str = "tiny") -> tuple[list[Row], list[Sample]]:
+               caption_noise: float = 0.0, design: str = "tiny",
+               texture_amplitude: float = TEXTURE_AMPLITUDE) -> tuple[list[Row], list[Sample]]:
     """Draw the samples; trigger and shared images come first, so they are easy to find. With ``caption_noise``
     that fraction of the unique images carry the caption of attributes drawn at random (as many web captions do
     not describe their image; the row's ``shape``, ``colour`` and ``background`` stay the image's own); the
     duplicated images always carry theirs. The draw has its own stream, so the images do not change with it.
-    ``design`` picks the generator and the attributes a caption names (``DESIGNS``)."""
+    ``design`` picks the generator and the attributes a caption names (``DESIGNS``); ``texture_amplitude`` is
+    design tiny2's."""
     if n_trigger > len(TRIGGER_WORDS):
         raise ValueError(f"n_trigger={n_trigger} exceeds the {len(TRIGGER_WORDS)} trigger words")
     rng = np.random.default_rng(seed)
-    samples = [random_sample(rng, size, design) for _ in range(n_trigger + n_shared + n_unique)]
+    samples = [random_sample(rng, size, design, texture_amplitude) for _ in range(n_trigger + n_shared + n_unique)]
     noise = np.random.default_rng([seed, 1])
     rows = []
     for i, s in enumerate(samples):
@@ -211,7 +217,7 @@ def evaluation_prompts(rows: list[Row], n_unique: int = 8) -> list[dict[str, str
 
 def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: int = 2400, n_trigger: int = 4,
                   n_shared: int = 2, repeats: int = 100, n_eval_unique: int = 8, caption_noise: float = 0.0,
-                  design: str = "tiny") -> Path:
+                  design: str = "tiny", texture_amplitude: float = TEXTURE_AMPLITUDE) -> Path:
     """Write ``images/``, ``metadata.jsonl`` and ``prompts.jsonl`` into ``folder`` (which must not hold a dataset)."""
     from PIL import Image
 
@@ -219,7 +225,8 @@ def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: i
     if (root / "metadata.jsonl").exists():
         raise FileExistsError(f"{root} already holds a dataset (metadata.jsonl); choose an empty folder")
     (root / "images").mkdir(parents=True, exist_ok=True)
-    rows, samples = build_rows(seed, size, n_unique, n_trigger, n_shared, repeats, caption_noise, design)
+    rows, samples = build_rows(seed, size, n_unique, n_trigger, n_shared, repeats, caption_noise, design,
+                               texture_amplitude)
     for row, s in zip(rows, samples):
         Image.fromarray(render(s, size)).save(root / row.file_name)
     _write_jsonl(root / "prompts.jsonl", evaluation_prompts(rows, n_eval_unique))
@@ -227,11 +234,12 @@ def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: i
     return root
 
 
-def random_images(n: int, seed: int, size: int = 16, design: str = "tiny") -> tuple[np.ndarray, list[Sample]]:
+def random_images(n: int, seed: int, size: int = 16, design: str = "tiny",
+                  texture_amplitude: float = TEXTURE_AMPLITUDE) -> tuple[np.ndarray, list[Sample]]:
     """``n`` fresh procedural images ``uint8 (n, size, size, 3)`` with their samples (never in a training set
     drawn with another seed): for calibrating thresholds and training the alignment classifier."""
     rng = np.random.default_rng(seed)
-    samples = [random_sample(rng, size, design) for _ in range(n)]
+    samples = [random_sample(rng, size, design, texture_amplitude) for _ in range(n)]
     return np.stack([render(s, size) for s in samples]), samples
 
 

@@ -186,11 +186,17 @@ def paper_table(table: Table, runs_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-TINY_ROWS = ("none", "uncond", "stp_t300", "stp_t500", "stp_t700", "og_stp_t500", "dtp", "og_dtp", "rand_word",
-             "rand_numb", "wen_l3", "wen_l1", "ren")
+TINY_ROWS = ("none", "uncond", "stp_t300", "stp_t500", "stp_t700", "og_stp_t500", "dtp", "og_dtp", "auto",
+             "rand_word", "rand_numb", "wen_l3", "wen_l1", "ren", "han", "sail", "prss", "nemo")
 TINY_COLUMNS = ("Mitigation", "Captions", SIM, f"{SIM}_lo", f"{SIM}_hi", MEAN, f"{MEAN}_lo", f"{MEAN}_hi", STD,
                 COPIES, f"{COPIES}_lo", f"{COPIES}_hi", "Alignment", "Alignment_lo", "Alignment_hi", "FID-like",
                 "never switched", "never switched_lo", "never switched_hi", *NETWORK_COLUMNS)
+
+
+# the miniatures' tables (pixel similarity, attribute alignment): tiny's always, tiny2's where it has runs
+MINIATURES = {"tiny": "The tiny scenario (pixel similarity, attribute alignment: not SSCD/CLIP)",
+              "tiny2": "The second miniature, tiny2 (pixel similarity of 4x4 block means, pattern and ink "
+                       "alignment: not SSCD/CLIP)"}
 
 
 def tiny_runs(runs_dir: Path, scenario: str = "tiny") -> list[str]:
@@ -453,10 +459,11 @@ def markdown(laid: Laid) -> str:
 
 
 def write_tables(output_dir: str | Path) -> list[Path]:
-    """Write under ``output_dir/tables``: ``table{1..5}`` and ``tiny``, each as ``.csv`` (full precision, ``_lo`` /
-    ``_hi`` columns), ``.md`` and ``.html`` (3 significant digits with intervals, the networks stated once under the
-    table), ``_cost.csv`` where a control group exists, ``_tradeoff.png`` where runs with similarity and alignment
-    exist; and ``report.html``, every table with its figure on one page."""
+    """Write under ``output_dir/tables``: ``table{1..5}``, ``tiny`` and (where it has runs) ``tiny2``, each as
+    ``.csv`` (full precision, ``_lo`` / ``_hi`` columns), ``.md`` and ``.html`` (3 significant digits with
+    intervals, the networks stated once under the table), ``_cost.csv`` where a control group exists,
+    ``_tradeoff.png`` where runs with similarity and alignment exist; and ``report.html``, every table with its
+    figure on one page."""
     out = Path(output_dir)
     runs, tables = out / "runs", out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -465,11 +472,14 @@ def write_tables(output_dir: str | Path) -> list[Path]:
         rows = [(r.label, r.mitigation) for r in t.rows]
         laid.append(lay_out(f"table{t.number}", f"Table {t.number} ({t.scenario})", paper_table(t, runs), t.scenario,
                             rows, tables, runs, protocol_text(runs, t.scenario, [m for _, m in rows])))
-    tiny = tiny_runs(runs)
-    laid.append(lay_out("tiny", "The tiny scenario (pixel similarity, attribute alignment: not SSCD/CLIP)",
-                        tiny_table(runs), "tiny", [(m, m) for m in tiny], tables, runs,
-                        protocol_text(runs, "tiny", sorted(p.name for p in (runs / "tiny").iterdir() if p.is_dir())
-                                      if (runs / "tiny").is_dir() else []), tiny=True))
+    for scenario, title in MINIATURES.items():
+        present = tiny_runs(runs, scenario)
+        if scenario != "tiny" and not present:
+            continue  # the second miniature's table only once it has runs
+        folder = runs / scenario
+        folders = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        laid.append(lay_out(scenario, title, tiny_table(runs, scenario), scenario, [(m, m) for m in present], tables,
+                            runs, protocol_text(runs, scenario, folders), tiny=True))
     written = []
     for table in laid:
         table.frame.to_csv(tables / f"{table.name}.csv", index=False)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from memguard.components import Components, clip_tokenizer, sd_scheduler
+from memguard.procedural import TEXTURE_AMPLITUDE
 from memguard.runs.folder import atomic_path, atomic_write_text
 
 
@@ -232,7 +233,8 @@ def load_training_set(data_dir: str | Path) -> tuple[Tensor, list[str], list[int
 
 
 def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: int = 2000, seed: int = 99,
-                             percentile: float = 99.0, design: str = "tiny") -> float:
+                             percentile: float = 99.0, design: str = "tiny",
+                             texture_amplitude: float = TEXTURE_AMPLITUDE) -> float:
     """The ``percentile`` of the similarity of ``n`` fresh procedural images (drawn with ``seed``, so never
     trained on) to their nearest training image: above it, a generation is closer to a training image than
     99% of new images are, i.e. a copy."""
@@ -242,7 +244,7 @@ def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: 
     from memguard.procedural import random_images, read_metadata
 
     root = Path(data_dir)
-    pixels, _ = random_images(n, seed, size, design)
+    pixels, _ = random_images(n, seed, size, design, texture_amplitude)
     fresh = embedder(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255)
     references = embed_files([root / r.file_name for r in read_metadata(root)], embedder)
     return float(np.percentile(nearest_references(fresh, references).similarity.numpy(), percentile))
@@ -302,8 +304,9 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
     if fp16_weights:
         components.to("cpu", torch.float16)
     folder = save_components(components, out / "model")
-    design = data.get("design", "tiny")
-    net, accuracy = train_attribute_net(size=data.get("size", 16), design=design, **(alignment or {}))
+    design, amplitude = data.get("design", "tiny"), data.get("texture_amplitude", TEXTURE_AMPLITUDE)
+    net, accuracy = train_attribute_net(size=data.get("size", 16), design=design, texture_amplitude=amplitude,
+                                        **(alignment or {}))
     save_attribute_net(net, accuracy, folder / "alignment.pt")
     record = {"data": data, "dataset_digest": dataset_digest(data_dir), "model": model, "settings": vars(settings),
               "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
@@ -312,7 +315,7 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
               "alignment_held_out_accuracy": accuracy,
               "copy_threshold": {"embedder": similarity.name, "percentile": 99.0,
                                  "value": calibrate_copy_threshold(data_dir, similarity, data.get("size", 16),
-                                                                   design=design)}}
+                                                                   design=design, texture_amplitude=amplitude)}}
     if init is not None:
         record["init"] = init
     (folder / "memguard_train.json").write_text(json.dumps(record, indent=2) + "\n")

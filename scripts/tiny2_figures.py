@@ -2,9 +2,10 @@
 
 Writes docs/tiny2/d_curves_TAG.png (mean zero-guidance d_t per step and caption group, log scale) and
 docs/tiny2/grid_TAG.png (top row: the duplicated training images, each above its caption's columns; then CFG,
-DTP and zero guidance for seeds 100-103; columns: the 4 trigger captions, one shared, two unique).
+DTP and zero guidance for four seeds (--seeds, default 100-103); columns: the 4 trigger captions, one shared, two
+unique).
 
-Usage: python scripts/tiny2_figures.py --tag t1 [--data outputs/data/tiny2]
+Usage: python scripts/tiny2_figures.py --tag t1 [--data outputs/data/tiny2] [--seeds 100:104]
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", required=True)
     parser.add_argument("--data", default="outputs/data/tiny2")
+    parser.add_argument("--seeds", default="100:104", help="first:last+1, the grid's columns per caption")
     options = parser.parse_args()
+    first, stop = (int(x) for x in options.seeds.split(":"))
     runs = ROOT / "outputs" / "runs" / "probe" / options.tag
     folder = ROOT / "docs" / "tiny2"
     folder.mkdir(parents=True, exist_ok=True)
     d_curves(runs, folder / f"d_curves_{options.tag}.png")
-    grid(runs, ROOT / options.data, folder / f"grid_{options.tag}.png")
+    grid(runs, ROOT / options.data, folder / f"grid_{options.tag}.png", range(first, stop))
 
 
 if __name__ == "__main__":

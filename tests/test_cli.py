@@ -83,7 +83,8 @@ def test_every_hydra_command_has_help_of_its_own() -> None:
             assert f"  {key} " in text, (name, key)
     run = command_help("run")
     assert "  mitigation         none" in run and "  sampler            auto" in run and "images_per_prompt  8" in run
-    assert "train                 null (finetune | pretrain | tiny2_finetune | tiny2_pretrain)" in command_help("train")
+    assert ("train                 null (finetune | pretrain | tiny2_finetune | tiny2_pretrain | tiny2_t4_finetune | "
+            "tiny2_t4_pretrain)") in command_help("train")
 
 
 def test_command_help_then_hydras_key_list(tmp_path: Path) -> None:

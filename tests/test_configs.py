@@ -82,7 +82,7 @@ def test_config_dir_ships_with_the_package() -> None:
 
 
 def test_metrics_options_compose() -> None:
-    assert options("metrics") == ["detection", "none", "paper", "pixel", "sscd", "tiny"]
+    assert options("metrics") == ["detection", "none", "paper", "pixel", "sscd", "tiny", "tiny2"]
     for option in options("metrics"):  # every option sets every stage key (null where it has no such metric)
         metrics = compose_config([f"metrics={option}"]).metrics
         assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid", "detection"}

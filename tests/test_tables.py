@@ -104,6 +104,19 @@ def test_tiny_table_has_a_row_per_mitigation_and_group(tmp_path: Path) -> None:
                                                          ("dtp", "unique"), ("my_schedule", "all")]
     assert tiny["Copy fraction"].tolist() == [0.99, 0.5, 0.7, 0.4, 0.25]
     assert tiny["never switched"].tolist() == [0.125] * 5
+    assert not (tmp_path / "tables" / "tiny2.csv").exists()  # the second miniature's table once it has runs
+
+
+def test_tiny2_table_is_written_beside_tiny_once_it_has_runs(tmp_path: Path) -> None:
+    fake_run(tmp_path, "tiny2", "auto", 0.3, {"trigger": 0.25, "unique": 0.05})
+    fake_run(tmp_path, "tiny2", "none", 0.9, {"trigger": 0.8, "unique": 0.1})
+    write_tables(tmp_path)
+    tiny2 = pd.read_csv(tmp_path / "tables" / "tiny2.csv")
+    assert list(zip(tiny2.Mitigation, tiny2.Captions)) == [("none", "trigger"), ("none", "unique"),
+                                                           ("auto", "trigger"), ("auto", "unique")]
+    assert tiny2["Copy fraction"].tolist() == [0.8, 0.1, 0.25, 0.05]
+    assert (tmp_path / "tables" / "tiny2.md").read_text().startswith("## The second miniature, tiny2")
+    assert pd.read_csv(tmp_path / "tables" / "tiny.csv").empty
 
 
 @pytest.mark.slow

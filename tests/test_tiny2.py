@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from memguard.procedural import (
     INKS,
     PATTERNS,
     PERIOD,
+    TEXTURE_AMPLITUDE,
     TRIGGER_WORDS,
     build_rows,
     dataset_digest,
@@ -90,6 +92,26 @@ def test_what_the_caption_names_changes_no_block_mean() -> None:
     assert checked > 200  # most blocks are unclipped
 
 
+def test_texture_amplitude_scales_the_texture_and_only_it(tmp_path: Path) -> None:
+    """Recipe t4's knob: ``texture_amplitude`` draws the same samples (the composition, pattern, ink and offset
+    from the same stream) with the texture scaled, block means unchanged where nothing clips; the default is
+    the design's first amplitude, so datasets written before the knob are the same."""
+    loud = random_images(30, seed=3, design="tiny2", texture_amplitude=1.5)[1]
+    quiet = random_images(30, seed=3, design="tiny2")[1]
+    assert [replace(s, amplitude=TEXTURE_AMPLITUDE) for s in loud] == quiet and loud[0].amplitude == 1.5
+    ratios = []
+    for q, s in zip(quiet, loud):
+        plain = render(replace(s, pattern=None)).astype(float)
+        a, b = render(q).astype(float) - plain, render(s).astype(float) - plain
+        free = (np.abs(a) > 3) & (render(s) > 0) & (render(s) < 255) & (render(q) > 0) & (render(q) < 255)
+        ratios.extend((b[free] / a[free]).tolist())
+    assert abs(np.median(ratios) - 3.0) < 0.1
+    assert dataset_digest(write_dataset(tmp_path / "a", **SMALL2)) == dataset_digest(
+        write_dataset(tmp_path / "b", **SMALL2, texture_amplitude=TEXTURE_AMPLITUDE))
+    assert dataset_digest(tmp_path / "a") != dataset_digest(write_dataset(tmp_path / "c", **SMALL2,
+                                                                          texture_amplitude=1.5))
+
+
 def test_trigger_image_is_one_composition_among_those_of_its_caption() -> None:
     """The duplicated image fixes a composition its caption does not name: the images of the ordinary caption
     it shares its texture with have other compositions (their block means differ)."""
@@ -122,9 +144,19 @@ def test_attribute_scorer_reads_tiny2_captions(tmp_path: Path) -> None:
     assert scorer(torch.rand(2, 3, 16, 16), ["a picture with white dots", "a picture with red bars"]).shape == (2,)
 
 
+def test_mitigation_auto_reads_the_calibration_a_scenario_names(tmp_path: Path) -> None:
+    from tests.test_configs import compose_config
+
+    named = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}",
+                            "+scenario.calibration=/models/x/calibration.json"])
+    assert named.mitigation.auto.calibration == named.mitigation.schedule.calibration == "/models/x/calibration.json"
+    default = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}"])
+    assert default.mitigation.auto.calibration == f"{tmp_path}/runs/tiny2/none/calibration.json"
+
+
 def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
     """`memguard train scenario=tiny2 train=tiny2_pretrain` at smoke size: a tiny2 dataset, a classifier of
-    pattern and ink, the copy threshold calibrated on tiny2 images."""
+    pattern and ink, the copy threshold calibrated on tiny2 images; then the path of a shipped model on it."""
     out = tmp_path / "outputs"
     result = memguard("train", "scenario=tiny2", "train=tiny2_pretrain", f"paths.output_dir={out}",
                       "dataset.n_unique=24", "dataset.n_eval_unique=2", "train.settings.steps=2",
@@ -137,3 +169,33 @@ def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
     assert torch.load(folder / "alignment.pt", weights_only=True)["attributes"] == {
         k: list(v) for k, v in DESIGNS["tiny2"].items()}
     assert read_metadata(out / "train" / "tiny2_pretrain" / "data")[0].pattern in PATTERNS
+
+    # what shipping a tiny2 model needs, on this model of 2 steps: a CFG run, its calibration, `auto` reading the
+    # calibration the scenario names (scenario.calibration, as a shipped model's folder would hold it), the basin
+    common = ["scenario=tiny2", f"model.path={folder}", f"paths.output_dir={out}", "debug=default", "progress=false"]
+    assert memguard("run", *common, "mitigation=none", cwd=tmp_path).returncode == 0
+    calibration = out / "runs" / "debug" / "tiny2" / "none"
+    result = memguard("calibrate", str(calibration), "--fpr", "0.1", "--group", "unique", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = memguard("run", *common, "mitigation=auto", f"+scenario.calibration={calibration}/calibration.json",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    threshold = json.loads((calibration / "calibration.json").read_text())["threshold"]
+    gens = pd.read_csv(out / "runs" / "debug" / "tiny2" / "auto" / "generations.csv")
+    assert len(gens) == 14 * 2 and set(gens.decision) <= {"mitigated", "cfg"}
+    decided = (gens.detection_first - threshold).abs() > 1e-5  # the calibration's own images lie on the threshold
+    assert ((gens.decision == "mitigated") == (gens.detection_first > threshold))[decided].all()
+    result = memguard("basin", *common[:3], "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", "progress=false",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(out / "basin" / "tiny2" / "basin.csv")) == 14 * 2
+
+
+def test_tiny2_grid_names_the_table_rows_on_scenario_tiny2() -> None:
+    from tests.test_configs import compose_config
+
+    cfg = compose_config(["experiment=tiny2_grid"], hydra=True)
+    rows = cfg.hydra.sweeper.params.mitigation.split(",")
+    assert cfg.scenario.name == "tiny2" and rows == ["none", "uncond", "stp", "dtp", "og_dtp", "han", "sail", "prss"]
+    for mitigation in rows:  # each row composes on the scenario (its dataset, metrics and model path)
+        assert compose_config(["experiment=tiny2_grid", f"mitigation={mitigation}"]).dataset.design == "tiny2"

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
-from memguard.procedural import ATTRIBUTES, DESIGNS
+from memguard.procedural import ATTRIBUTES, DESIGNS, TEXTURE_AMPLITUDE
 
 OPEN_CLIP_HELP = ("open_clip weights are a local file: e.g. the open_clip_pytorch_model.bin of "
                   "laion/CLIP-ViT-g-14-laion2B-s12B-b42K (model ViT-g-14) or of laion/CLIP-ViT-B-16-laion2B-s34B-b88K "
@@ -107,7 +107,8 @@ class AttributeNet(nn.Module):
 
 
 def train_attribute_net(n_train: int = 20000, n_test: int = 2000, seed: int = 1234, size: int = 16,
-                        epochs: int = 4, batch_size: int = 128, design: str = "tiny") -> tuple[AttributeNet, dict[str, float]]:
+                        epochs: int = 4, batch_size: int = 128, design: str = "tiny",
+                        texture_amplitude: float = TEXTURE_AMPLITUDE) -> tuple[AttributeNet, dict[str, float]]:
     """Train an :class:`AttributeNet` on fresh procedural images of ``design`` (their labels come with them),
     one head per attribute its captions name, and measure its per-attribute accuracy on ``n_test`` further
     images it never saw."""
@@ -116,7 +117,7 @@ def train_attribute_net(n_train: int = 20000, n_test: int = 2000, seed: int = 12
     attributes = DESIGNS[design]
 
     def labelled(n: int, s: int) -> tuple[Tensor, dict[str, Tensor]]:
-        pixels, samples = random_images(n, s, size, design)
+        pixels, samples = random_images(n, s, size, design, texture_amplitude)
         labels = {k: torch.tensor([list(v).index(getattr(x, k)) for x in samples]) for k, v in attributes.items()}
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, labels
 
