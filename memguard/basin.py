@@ -122,12 +122,12 @@ def _check_basin_folder(cfg, run_dir) -> None:
     from omegaconf import OmegaConf
 
     from memguard.errors import UserError
-    from memguard.runs.folder import FORMER_DEFAULTS, differences
+    from memguard.runs.folder import FORMER_DEFAULTS, differences, saved_config
 
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         return
-    old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    old = saved_config(config_file)
     new = OmegaConf.to_container(cfg, resolve=True)
     diffs = differences({k: old.get(k, FORMER_DEFAULTS.get(k)) for k in FOLDER_KEYS}
                         | {"basin.opposite": old.get("basin", {}).get("opposite")},

@@ -31,7 +31,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.check import require_inputs
 from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked

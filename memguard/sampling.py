@@ -23,7 +23,7 @@ from memguard.families import Conditions, Family, as_family, join
 from memguard.guidance import GuidanceSchedule
 
 if TYPE_CHECKING:
-    from memguard.baselines import Baselines
+    from memguard.mitigations import Baselines
     from memguard.mitigations import Branches
 
 StepCallback = Callable[[dict[str, Tensor | int | float]], None]
@@ -223,7 +223,7 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
     denoiser's modules while the batch is sampled. ``trajectory``: see :func:`sample` (a hook or extra branches
     make it ``full``). The slots' per-image ``info`` is the trajectory's ``info`` (their ``unet_evals_before``
     summed)."""
-    from memguard.baselines import Baselines
+    from memguard.mitigations import Baselines
     from memguard.mitigations import Start
 
     baselines = baselines or Baselines()

@@ -29,7 +29,7 @@ import memguard  # noqa: F401  (import order: makes the torch stack importable)
 from memguard.components import random_components, sd15_sized_random_components
 from memguard.families import Family, as_family, random_family
 from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule, StaticTransition
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.sampling import generate_images
 
 MITIGATIONS = "han,han_per_sample,sail,prss,wen_l1_per_image,rand_word,ren"  # by their YAMLs (--mitigations)

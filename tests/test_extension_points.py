@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.families import as_family
 from memguard.guidance import Constant
 from memguard.mitigations import Branches, NoiseAdjustment, Start
@@ -65,7 +65,7 @@ def test_a_noise_adjustment_is_applied_per_image(tiny_components) -> None:
     alone, _ = _images(tiny_components, Baselines(noise=Shift(0.5)), PROMPTS[1:], SEEDS[1:])
     assert torch.allclose(moved[1], alone[0], atol=1e-5)  # per image: the same alone as in a batch
     assert traj.info["unet_evals_before"].tolist() == [7, 7]
-    from memguard.baselines import WenEmbeddingOptimization
+    from memguard.mitigations.wen import WenEmbeddingOptimization
 
     both = Baselines(noise=Shift(0.5), embedding=WenEmbeddingOptimization(l_target=1e9, max_iters=0))
     assert _images(tiny_components, both)[1].info["unet_evals_before"].tolist() == [7 + 2, 7 + 2]  # costs add up

@@ -42,7 +42,7 @@ from memguard.errors import UserError
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    from memguard.baselines import Baselines
+    from memguard.mitigations import Baselines
 
 Conditions = dict[str, Tensor]  # keyword arguments of the denoiser, each batch-first: one row per sample
 
