@@ -41,7 +41,8 @@ from memguard.runs.folder import (
     update_metrics,
     write_image,
 )
-from memguard.runs.prompts import load_prompts, load_seeds
+from memguard.runs.prompts import load_prompts
+from memguard.runs.seeds import load_seeds
 from memguard.sampling import Trajectory, decode, prepare_batch, sample
 
 

@@ -364,7 +364,7 @@ def _model_resolution(model: Path | None) -> int | None:
 def check_inputs(cfg: DictConfig) -> Report:
     """Every input of ``cfg`` that a run needs; nothing is written."""
     from memguard.evaluate import STAGES
-    from memguard.runs.prompts import load_seeds
+    from memguard.runs.seeds import load_seeds
 
     report = Report()
     model = check_model(cfg, report)

@@ -5,7 +5,7 @@ tables and figures)::
 
     config.yaml          the resolved config
     images/{prompt_idx:05d}_{seed}.png
-                         one PNG per generation (seed: the image's own, under seed_scheme; runs.prompts.Seeds);
+                         one PNG per generation (seed: the image's own, under seed_scheme; runs.seeds.Seeds);
                          its "memguard" text chunk holds the prompt, seed and the per-step trajectory, so an
                          image and its record are written in one atomic rename
     trajectories.csv     prompt_idx, seed, step, timestep, d, scale   (rebuilt from the PNGs)
@@ -49,7 +49,8 @@ from memguard.runs.outputs import (
     write_figures,
     write_tables,
 )
-from memguard.runs.prompts import Prompts, load_prompts, load_seeds
+from memguard.runs.prompts import Prompts, load_prompts
+from memguard.runs.seeds import load_seeds
 from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
 from memguard.runs.writer import ImageWriter
 from memguard.sampling import generate_images

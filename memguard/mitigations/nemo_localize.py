@@ -64,7 +64,8 @@ from memguard.errors import UserError
 from memguard.families import family_class, join, load_family
 from memguard.fetch.manifest import sha256_of
 from memguard.mitigations.nemo import channel_scale, scaled_channels, value_projections
-from memguard.runs.prompts import load_prompts, read_prompts_file
+from memguard.runs.prompt_files import read_prompts_file
+from memguard.runs.prompts import load_prompts
 
 log = logging.getLogger(__name__)
 

@@ -158,7 +158,7 @@ def finished_record(path: Path) -> Record | None:
 def existing_records(run_dir: Path, prompts: list[str], pairs: list[tuple[int, int]],
                      only: set[tuple[int, int]] | None = None) -> dict[tuple[int, int], Record]:
     """Records of the requested images (``pairs``: ``(prompt_idx, seed)``, :meth:`Seeds.pairs
-    <memguard.runs.prompts.Seeds.pairs>`) already in the folder; refuses images made for another prompt. An
+    <memguard.runs.seeds.Seeds.pairs>`) already in the folder; refuses images made for another prompt. An
     image that cannot be read or has no record is left out, with a warning, so it is made again. ``only``
     reads only those pairs (a shard's own, or the ones other shards were making)."""
     records = {}
