@@ -5,10 +5,10 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model docs docs-serve clean
+.PHONY: help install test test-cpus test-numerics smoke bench bench-shards bench-similarity tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model docs docs-serve clean
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned; tests, docs), build the random demo model
 
@@ -74,7 +74,7 @@ TAUS := 900,800,700,600,500,400,300,200,100
 tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures and docs/tiny.md's report
 	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS) images_per_prompt=16
 	$(MG) tables
-	$(PY) scripts/tiny_report.py
+	$(PY) scripts/docs/tiny_report.py
 
 tiny-model: $(MG)  ## retrain the tiny model from nothing into outputs/train/tiny (about 20 min on 2 cores)
 	$(MG) train scenario=tiny
@@ -83,8 +83,16 @@ tiny-ft-model: $(MG)  ## the two-stage tiny model: pre-train (train=pretrain), t
 	$(MG) train scenario=tiny_ft train=pretrain
 	$(MG) train scenario=tiny_ft train=finetune
 
+# scripts/: bench/ (benchmarks, side by side in one run), docs/ (the mkdocs hook, the tiny report and figures),
+# probes/ (measurement protocols of the tiny models; run by hand with their arguments: scripts/README.md)
 bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
-	$(PY) scripts/bench_sampling.py
+	$(PY) scripts/bench/sampling.py
+
+bench-shards: $(MG)  ## memguard run as one process vs two shards (accelerate), the tiny scenario
+	$(PY) scripts/bench/shards.py
+
+bench-similarity: $(MG)  ## copy similarity and FID of 10k generations against 10k references from caches
+	$(PY) scripts/bench/similarity.py
 
 # the documentation site (mkdocs.yml; docs/*.md, the configuration reference generated from conf/ at each build)
 docs: $(MG)  ## build the documentation site into site/ (strict: a broken link fails); open site/index.html

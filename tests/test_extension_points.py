@@ -103,7 +103,7 @@ def test_a_run_records_the_slot_cost_per_image(tiny_model_dir: Path, tmp_path: P
                                        ["mitigation=prss", "mitigation.embedding.max_iters=2",
                                         "mitigation.embedding.l_target=1e-6"]])
 def test_a_slot_that_optimises_also_runs_when_sampling_is_under_no_grad(tiny_components, overrides) -> None:
-    """scripts/bench_sampling.py (and any caller) may sample under torch.no_grad(): an optimisation before sampling
+    """scripts/bench/sampling.py (and any caller) may sample under torch.no_grad(): an optimisation before sampling
     still takes its gradients."""
     from memguard.runner import build_baselines, build_schedule
     from tests.test_configs import compose_config
