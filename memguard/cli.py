@@ -32,7 +32,7 @@ from typing import Any
 import memguard
 from memguard.errors import UserError
 
-CONF_DIR = memguard.ROOT / "conf"
+CONF_DIR = memguard.CONF_DIR
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -190,7 +190,8 @@ def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) 
     import hydra
 
     if not (CONF_DIR / "config.yaml").is_file():
-        raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; install with `pip install -e .`")
+        raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; reinstall memguard (pip install "
+                         "memguard's wheel, or pip install -e . in a clone)")
     if any(arg in ("-h", "--help") for arg in overrides):
         plain = _help_overrides(overrides)
         try:
