@@ -20,23 +20,32 @@ $(MG): pyproject.toml constraints.txt
 $(RANDOM_MODEL): | $(MG)
 	$(MG) random-model $(RANDOM_MODEL)
 
-test: $(MG) $(RANDOM_MODEL)  ## run the test suite
-	$(PY) -m pytest -q
+# the suite runs on every core (pytest-xdist): tests that share a folder, a port or an expensive module fixture are
+# one xdist_group (`@pytest.mark.xdist_group("name")`) and run on one worker, in order; PYTEST_WORKERS=1: serial
+PYTEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
-# torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits
-CAPABILITIES := default avx2 avx512
+test: $(MG) $(RANDOM_MODEL)  ## run the test suite (on every core)
+	$(PYTEST)
+
+# torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits. Only the
+# units this CPU has: avx2, and avx512 where it has avx512 f, vl, bw and dq (the four torch asks for, pytorch
+# aten/src/ATen/cpu/Utils.cpp is_cpu_support_avx512); forcing a missing unit dies of an illegal instruction.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+CAPABILITIES := default $(if $(filter avx2,$(CPU_FLAGS)),avx2) \
+	$(if $(and $(filter avx512f,$(CPU_FLAGS)),$(filter avx512vl,$(CPU_FLAGS)),$(filter avx512bw,$(CPU_FLAGS)),$(filter avx512dq,$(CPU_FLAGS))),avx512)
 # the test files whose numbers come from the networks (sampling, families, baselines, metrics, detection, and the
 # newer mitigations checked against references written from their authors' code)
 NUMERIC_TESTS := tests/test_sampling.py tests/test_families.py tests/test_baselines.py tests/test_guidance.py \
 	tests/test_similarity.py tests/test_metrics.py tests/test_fid_streaming.py tests/test_detection.py \
 	tests/test_han.py tests/test_sail.py tests/test_prss.py
 
-test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability (default, avx2, avx512) in turn
+test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability this CPU has (default, avx2, avx512) in turn
 	@for cap in $(CAPABILITIES); do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
-		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q || exit 1; done
+		ATEN_CPU_CAPABILITY=$$cap $(PYTEST) || exit 1; done
 
 test-numerics: $(MG) $(RANDOM_MODEL)  ## the numerics-heavy test files under ATEN_CPU_CAPABILITY=default (CI's second pass)
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=default $(PYTEST) $(NUMERIC_TESTS)
 
 smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo model, 4 steps (debug settings)
 	$(MG) run -m experiment=schedules debug=default scenario=random_tiny

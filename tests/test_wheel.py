@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+# the wheel is built once, on one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
 # what a clone holds beyond the sources: never copied into the build
 IGNORED = shutil.ignore_patterns(".git", ".venv", "outputs", "site", "build", "dist", "*.egg-info", "__pycache__",
                                  ".pytest_cache", "random-tiny-sd")
