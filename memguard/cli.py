@@ -142,7 +142,7 @@ def command_help(name: str, overrides: list[str] | None = None, full: bool = Fal
     ``overrides``), an example. ``full``: then, as Hydra's own help page lays them out, every config group's options
     and the composed config (read here, from one composition: Hydra's page lists each group through a fresh
     config repository, seconds)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir  # start-up: Hydra loads only for the commands that compose
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
@@ -187,7 +187,7 @@ def _help_overrides(args: list[str]) -> list[str] | None:
 
 
 def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
-    import hydra
+    import hydra  # start-up: as above
 
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; reinstall memguard (pip install "
@@ -223,9 +223,9 @@ def _random_model(args: list[str]) -> None:
     options = parser.parse_args(args)
     if options.folder.exists() and any(options.folder.iterdir()):
         raise SystemExit(f"memguard: error: {options.folder} exists and is not empty; choose another folder")
-    from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils import logging as diffusers_logging  # start-up: torch and diffusers load for this command only
 
-    from memguard.families import FAMILIES, random_family
+    from memguard.families import FAMILIES, random_family  # start-up: as above
 
     if options.family not in FAMILIES:
         raise SystemExit(f"memguard: error: --family {options.family!r} is not a model family; use one of "
@@ -234,7 +234,7 @@ def _random_model(args: list[str]) -> None:
         raise SystemExit("memguard: error: --no-t5 applies to --family sd3 only")
     diffusers_logging.disable_progress_bar()
     if options.no_t5:
-        from memguard.families.sd3 import SD3
+        from memguard.families.sd3 import SD3  # start-up: as above
 
         model = SD3.random(options.seed, t5=False)
     else:
@@ -250,7 +250,7 @@ def _tables(args: list[str]) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"),
                         help="holds runs/; tables/ is written there (outputs)")
     options = parser.parse_args(args)
-    from memguard.tables import write_tables
+    from memguard.tables import write_tables  # start-up: pandas and matplotlib load for this command only
 
     for path in write_tables(options.output_dir):
         if path.suffix == ".md":
@@ -268,7 +268,7 @@ def _calibrate(args: list[str]) -> None:
     parser.add_argument("--detect-step", type=int, default=0, help="mitigation.auto.detect_step (0)")
     parser.add_argument("--group", nargs="*", default=None, help="use only these prompt groups (e.g. unique)")
     options = parser.parse_args(args)
-    from memguard.metrics.detection import calibrate
+    from memguard.metrics.detection import calibrate  # start-up: torch loads for this command only
 
     result = calibrate(options.run_dir, options.fpr, options.detect_step, options.group)
     print(f"threshold {result['threshold']:.6g} ({result['measured_fpr']:.4f} of {result['n_images']} images above it) "
@@ -285,7 +285,7 @@ def _plot(args: list[str]) -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders, one column each")
     parser.add_argument("--output", type=Path, default=None, help="the figure's file (default RUN_DIR/norms.png)")
     options = parser.parse_args([a.removeprefix("run_dir=") for a in args])
-    from memguard.runs.plots import plot_norms
+    from memguard.runs.plots import plot_norms  # start-up: matplotlib loads for this command only
 
     print(f"wrote {plot_norms(options.run_dirs, options.output)}")
 
