@@ -20,10 +20,12 @@ $(MG): pyproject.toml constraints.txt
 $(RANDOM_MODEL): | $(MG)
 	$(MG) random-model $(RANDOM_MODEL)
 
-# the suite runs on every core (pytest-xdist): tests that share a folder, a port or an expensive module fixture are
-# one xdist_group (`@pytest.mark.xdist_group("name")`) and run on one worker, in order; PYTEST_WORKERS=1: serial
+# the suite runs on every core (pytest-xdist), one test file per worker at a time (--dist loadfile): a file's tests
+# run in order on one worker, so its module fixtures are built once. (--dist loadgroup would place xdist_group
+# marks, but pytest-xdist 3.8 does not group under pytest 9, whose node ids it can no longer suffix.)
+# PYTEST_WORKERS=1: serial
 PYTEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: $(MG) $(RANDOM_MODEL)  ## run the test suite (on every core)
 	$(PYTEST)

@@ -24,9 +24,6 @@ from memguard.sampling import generate_images
 from tests.numerics import assert_away_from_dtp_ties
 from tests.test_configs import compose_config, options
 
-# the families' random models and saved folders (module fixtures) are built once, on one worker
-pytestmark = pytest.mark.xdist_group("families")
-
 PROMPTS, SEEDS, STEPS = ["a red circle on a blue background", "a photo of a tench"], [11, 12], 5
 # each family's own pipeline scheduler, and another one memguard offers
 SCHEDULERS = {"sd": ["DPMSolverMultistepScheduler"], "sdxl": ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"],

@@ -26,9 +26,6 @@ from memguard.errors import UserError
 from tests.fetch_servers import COMMIT, fail_first, hub_routes, redirect, serve, slow, static, status
 from tests.rehearsal import write_metric_weights
 
-# the served site and its weights (module fixtures) are built once, on one worker
-pytestmark = pytest.mark.xdist_group("fetch_site")
-
 INDICES = (3, 11, 23)  # the prompts' `index` values: one ground-truth folder each
 
 

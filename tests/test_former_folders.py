@@ -19,7 +19,6 @@ from tests.test_configs import compose_config
 
 FORMER = Path(__file__).parent / "fixtures" / "former_folders"
 RECORDED_MODEL = "/tmp/wt27/old/model"  # the model.path each saved config.yaml records
-pytestmark = pytest.mark.xdist_group("former_folders")  # one worker writes the model folder, once
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,6 @@ from memguard.metrics.alignment import (
 from memguard.metrics.fid import AttributeFeatures, InceptionFeatures, PixelFeatures, frechet_distance
 from tests.rehearsal import write_random_inception
 
-# the stand-in Inception and CLIP weights (module fixtures) are written once, on one worker
-pytestmark = pytest.mark.xdist_group("metric_weights")
-
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 

@@ -26,9 +26,6 @@ from tests.rehearsal import paper_metric_overrides, write_metric_weights
 from tests.test_configs import compose_config
 from tests.test_fetch import png
 
-# the served prompt files and weights (module fixture) are built once, on one worker
-pytestmark = pytest.mark.xdist_group("prompt_sets_site")
-
 FIXTURES = Path(__file__).parent / "fixtures" / "prompts"
 DEAD = "dead.example.org"  # an image host whose every URL answers 404
 

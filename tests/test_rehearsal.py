@@ -15,9 +15,6 @@ from memguard.runner import run
 from tests.rehearsal import paper_metric_overrides, write_metric_weights, write_rehearsal_data
 from tests.test_configs import compose_config
 
-# the rehearsal data and weights (module fixtures) are written once, on one worker
-pytestmark = pytest.mark.xdist_group("rehearsal")
-
 REFERENCES = {"laion10k": 10, "laion100k": 10, "imagenette": 6, "wen_dup200": 3, "webster500": 9}
 PROMPTS = {"laion10k": 10, "laion100k": 10, "imagenette": 10, "wen_dup200": 3, "webster500": 5}
 

@@ -23,9 +23,6 @@ from tests.test_cli import memguard
 from tests.test_evaluate import make_references
 from tests.test_run import config
 
-# its module fixture, the evaluated run, is made once, on one worker
-pytestmark = pytest.mark.xdist_group("evaluated_run")
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHECK = """<script>
 window.addEventListener("load", () => {

@@ -18,9 +18,6 @@ from memguard.runner import run
 from memguard.train import calibrate_copy_threshold
 from tests.test_configs import compose_config
 
-# its module fixture, the 16-image tiny run, is made once, on one worker
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
 MODEL = memguard.ROOT / "models" / "tiny"
 RECORD = json.loads((MODEL / "memguard_train.json").read_text())
 

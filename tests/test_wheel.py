@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# the wheel is built once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
+pytestmark = pytest.mark.slow
 # what a clone holds beyond the sources: never copied into the build
 IGNORED = shutil.ignore_patterns(".git", ".venv", "outputs", "site", "build", "dist", "*.egg-info", "__pycache__",
                                  ".pytest_cache", "random-tiny-sd")
