@@ -5,10 +5,10 @@ MG := $(VENV)/bin/memguard
 RANDOM_MODEL := models/random-tiny-sd
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install test test-cpus test-numerics smoke bench tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model tiny2-table docs docs-serve clean
+.PHONY: help install test test-cpus test-numerics smoke bench bench-shards bench-fetch bench-similarity tables fetch table1 table2 table3 table4 table5 reproduce tiny-table tiny-report tiny-model tiny-ft-model tiny2-table docs docs-serve clean
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 install: $(MG) $(RANDOM_MODEL)  ## create .venv, install memguard (CPU torch 2.13.0 pinned; tests, docs), build the random demo model
 
@@ -20,23 +20,34 @@ $(MG): pyproject.toml constraints.txt
 $(RANDOM_MODEL): | $(MG)
 	$(MG) random-model $(RANDOM_MODEL)
 
-test: $(MG) $(RANDOM_MODEL)  ## run the test suite
-	$(PY) -m pytest -q
+# the suite runs on every core (pytest-xdist), one test file per worker at a time (--dist loadfile): a file's tests
+# run in order on one worker, so its module fixtures are built once. (--dist loadgroup would place xdist_group
+# marks, but pytest-xdist 3.8 does not group under pytest 9, whose node ids it can no longer suffix.)
+# PYTEST_WORKERS=1: serial
+PYTEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-# torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits
-CAPABILITIES := default avx2 avx512
+test: $(MG) $(RANDOM_MODEL)  ## run the test suite (on every core)
+	$(PYTEST)
+
+# torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits. Only the
+# units this CPU has: avx2, and avx512 where it has avx512 f, vl, bw and dq (the four torch asks for, pytorch
+# aten/src/ATen/cpu/Utils.cpp is_cpu_support_avx512); forcing a missing unit dies of an illegal instruction.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+CAPABILITIES := default $(if $(filter avx2,$(CPU_FLAGS)),avx2) \
+	$(if $(and $(filter avx512f,$(CPU_FLAGS)),$(filter avx512vl,$(CPU_FLAGS)),$(filter avx512bw,$(CPU_FLAGS)),$(filter avx512dq,$(CPU_FLAGS))),avx512)
 # the test files whose numbers come from the networks (sampling, families, baselines, metrics, detection, and the
 # newer mitigations checked against references written from their authors' code)
 NUMERIC_TESTS := tests/test_sampling.py tests/test_families.py tests/test_baselines.py tests/test_guidance.py \
 	tests/test_similarity.py tests/test_metrics.py tests/test_fid_streaming.py tests/test_detection.py \
 	tests/test_han.py tests/test_sail.py tests/test_prss.py
 
-test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability (default, avx2, avx512) in turn
+test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability this CPU has (default, avx2, avx512) in turn
 	@for cap in $(CAPABILITIES); do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
-		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q || exit 1; done
+		ATEN_CPU_CAPABILITY=$$cap $(PYTEST) || exit 1; done
 
 test-numerics: $(MG) $(RANDOM_MODEL)  ## the numerics-heavy test files under ATEN_CPU_CAPABILITY=default (CI's second pass)
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=default $(PYTEST) $(NUMERIC_TESTS)
 
 smoke: $(MG) $(RANDOM_MODEL)  ## every guidance schedule on the random demo model, 4 steps (debug settings)
 	$(MG) run -m experiment=schedules debug=default scenario=random_tiny
@@ -82,7 +93,7 @@ TAUS := 900,800,700,600,500,400,300,200,100
 tiny-report: tiny-table  ## the tiny grid, transition sweep, docs/tiny figures and docs/tiny.md's report
 	$(MG) run -m scenario=tiny mitigation=stp mitigation.schedule.tau=$(TAUS) images_per_prompt=16
 	$(MG) tables
-	$(PY) scripts/tiny_report.py
+	$(PY) scripts/docs/tiny_report.py
 
 tiny-model: $(MG)  ## retrain the tiny model from nothing into outputs/train/tiny (about 20 min on 2 cores)
 	$(MG) train scenario=tiny
@@ -98,8 +109,19 @@ tiny2-table: $(MG)  ## scenario=tiny2 (its model.path) under CFG, STP, DTP, OG+D
 	$(MG) run scenario=tiny2 mitigation=auto mitigation.schedule.inner.opposite=0 run_name=tiny2/auto_dtp
 	$(MG) tables
 
+# scripts/: bench/ (benchmarks, side by side in one run), docs/ (the mkdocs hook, the tiny report and figures),
+# probes/ (measurement protocols of the tiny models; run by hand with their arguments: scripts/README.md)
 bench: $(MG)  ## sampling throughput: schedules vs standard CFG, memguard vs StableDiffusionPipeline
-	$(PY) scripts/bench_sampling.py
+	$(PY) scripts/bench/sampling.py
+
+bench-shards: $(MG)  ## memguard run as one process vs two shards (accelerate), the tiny scenario
+	$(PY) scripts/bench/shards.py
+
+bench-fetch: $(MG)  ## memguard fetch on a 200-image URL list (local server, 50 ms a request) vs one URL at a time
+	$(PY) scripts/bench/fetch.py
+
+bench-similarity: $(MG)  ## copy similarity and FID of 10k generations against 10k references from caches
+	$(PY) scripts/bench/similarity.py
 
 # the documentation site (mkdocs.yml; docs/*.md, the configuration reference generated from conf/ at each build)
 docs: $(MG)  ## build the documentation site into site/ (strict: a broken link fails); open site/index.html

@@ -14,16 +14,36 @@ the switch differs from the prefix's, which no longer matters to the schedule.
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from omegaconf import OmegaConf
 from torch import Tensor
 
-from memguard.families import Conditions, Family
-from memguard.guidance import GuidanceSchedule
-from memguard.sampling import Trajectory, sample
+from memguard.components import DTYPES, check_settings, load_scheduler, resolve_device
+from memguard.errors import UserError, instantiate_checked
+from memguard.evaluate import STAGES, planned_stages, reference_files
+from memguard.families import Conditions, Family, family_class, load_family
+from memguard.guidance import GuidanceSchedule, dtp_switch_step
+from memguard.protocol import resolve_sampler
+from memguard.runner import build_scheduler
+from memguard.runs.folder import (
+    FORMER_DEFAULTS,
+    Record,
+    differences,
+    read_record,
+    saved_config,
+    update_metrics,
+    write_image,
+)
+from memguard.runs.prompts import load_prompts
+from memguard.runs.seeds import load_seeds
+from memguard.sampling import Trajectory, decode, prepare_batch, sample
 
 
 class CfgFrom(GuidanceSchedule):
@@ -54,8 +74,6 @@ class Branches:
 
 def check_starts(starts: Sequence[int], steps: int) -> list[int]:
     """``basin.starts`` must be strictly increasing steps in ``[0, steps - 1]``."""
-    from memguard.errors import UserError
-
     starts = [int(k) for k in starts]
     if not starts or any(b <= a for a, b in zip(starts, starts[1:])) or starts[0] < 0 or starts[-1] >= steps:
         raise UserError(f"basin.starts={starts} must be a non-empty, strictly increasing list of steps in "
@@ -119,15 +137,10 @@ def default_starts(steps: int) -> list[int]:
 
 
 def _check_basin_folder(cfg, run_dir) -> None:
-    from omegaconf import OmegaConf
-
-    from memguard.errors import UserError
-    from memguard.runs.folder import FORMER_DEFAULTS, differences
-
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         return
-    old = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    old = saved_config(config_file)
     new = OmegaConf.to_container(cfg, resolve=True)
     diffs = differences({k: old.get(k, FORMER_DEFAULTS.get(k)) for k in FOLDER_KEYS}
                         | {"basin.opposite": old.get("basin", {}).get("opposite")},
@@ -140,22 +153,6 @@ def _check_basin_folder(cfg, run_dir) -> None:
 
 def basin(cfg) -> dict:
     """Generate (resuming) every branch of every (prompt, seed) into the basin folder, evaluate, summarise."""
-    import logging
-    import time
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from memguard.components import load_scheduler, resolve_device
-    from memguard.errors import UserError, instantiate_checked
-    from memguard.evaluate import STAGES, planned_stages, reference_files
-    from memguard.families import family_class, load_family
-    from memguard.protocol import resolve_sampler
-    from memguard.runner import DTYPES, build_scheduler, check_settings
-    from memguard.runs.folder import Record, read_record, update_metrics, write_image
-    from memguard.runs.prompts import load_prompts, load_seeds
-    from memguard.sampling import decode, prepare_batch
-
     log = logging.getLogger(__name__)
     # 1. Inputs
     check_settings(cfg)
@@ -269,7 +266,6 @@ def transition_table(frame, records, starts: list[int], steps: int, tau: float):
     """One row per (prompt, seed): the empirical transition step beside DTP's and STP's switch steps."""
     import pandas as pd
 
-    from memguard.guidance import dtp_switch_step
 
     rows = []
     for (idx, seed), branches in frame.groupby(["prompt_idx", "seed"], sort=False):

@@ -29,7 +29,19 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from memguard.components import FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder, clip_tokenizer
 from memguard.errors import UserError
+from memguard.evaluate import STAGES, reference_files
+from memguard.families import family_class, read_model_index
+from memguard.families.dit import class_id, labels_of
+from memguard.fetch import manifest
+from memguard.fetch.images import REPORT
+from memguard.fetch.sources import destination, nodes, prose
+from memguard.metrics.alignment import OPEN_CLIP_HELP
+from memguard.metrics.fid import INCEPTION_HELP
+from memguard.metrics.similarity import SSCD_URL
+from memguard.runs.prompts import load_prompts
+from memguard.runs.seeds import load_seeds
 
 log = logging.getLogger(__name__)
 CLIP_TOKENS = 77
@@ -72,8 +84,6 @@ class Report:
 def source(cfg: DictConfig, key: str) -> str:
     """``; get it: ...`` from the config's ``sources.<key>`` node (where that input comes from, and that ``memguard
     fetch`` fetches it), or nothing."""
-    from memguard.fetch.sources import prose
-
     return prose(cfg, key)
 
 
@@ -108,13 +118,9 @@ def archive_problem(path: Path) -> str | None:
 
 def check_model(cfg: DictConfig, report: Report) -> Path | None:
     """``model.path`` and each component's files; the folder if it is usable."""
-    from memguard.components import FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder
-
     if OmegaConf.is_missing(cfg.model, "path"):
         report.problems.append(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
         return None
-    from memguard.families import family_class, read_model_index
-
     folder, family = Path(cfg.model.path).expanduser(), None
     try:
         if (folder / "model_index.json").is_file():
@@ -157,8 +163,6 @@ def check_model(cfg: DictConfig, report: Report) -> Path | None:
 
 def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
     """The prompts (None where they cannot be loaded): count, duplicates, blank lines, long prompts."""
-    from memguard.runs.prompts import load_prompts
-
     try:
         loaded = load_prompts(cfg)
     except UserError as err:
@@ -205,9 +209,6 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
 
 def _class_conditional(cfg: DictConfig, model: Path, texts: list[str], report: Report) -> bool:
     """For a class-conditional model (dit): every prompt must name one of its classes; True if it is one."""
-    from memguard.families import family_class, read_model_index
-    from memguard.families.dit import class_id, labels_of
-
     if family_class(model, cfg.model.get("family")).text:
         return False
     labels = labels_of(read_model_index(model).get("id2label"))
@@ -226,8 +227,6 @@ def _class_conditional(cfg: DictConfig, model: Path, texts: list[str], report: R
 
 def _tokenizer(model: Path | None) -> Any:
     """The model's own tokenizer, or the CLIP tokenizer (the same BPE) where the model folder is unusable."""
-    from memguard.components import clip_tokenizer
-
     if model is not None:
         from transformers import CLIPTokenizer
 
@@ -242,7 +241,6 @@ def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
     """The reference folder: images present and their headers readable, each prompt's own subfolder."""
     from PIL import Image
 
-    from memguard.evaluate import reference_files
 
     try:
         files = reference_files(cfg.references)
@@ -256,8 +254,6 @@ def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
         own = prompts.reference_keys[:len(prompts.reference_keys) - prompts.n_controls]  # controls have no references
         missing = sorted({k for k in own if str(k) not in folders}, key=str)
         if missing:  # evaluation leaves these prompts out (and counts them in metrics.json)
-            from memguard.fetch.images import REPORT
-
             dead = root.parent / REPORT
             report.warnings.append(
                 f"references={str(cfg.references)!r}: {len(set(map(str, own))) - len(missing)} of "
@@ -284,16 +280,10 @@ def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
 
 def _weights_help(target: str) -> str:
     if "SSCD" in target:
-        from memguard.metrics.similarity import SSCD_URL
-
         return f"download sscd_disc_large.torchscript.pt from {SSCD_URL}"
     if "Clip" in target:
-        from memguard.metrics.alignment import OPEN_CLIP_HELP
-
         return OPEN_CLIP_HELP
     if "Inception" in target:
-        from memguard.metrics.fid import INCEPTION_HELP
-
         return INCEPTION_HELP
     return "see docs/evaluation.md (where each weights file comes from)"
 
@@ -317,9 +307,6 @@ def check_weights(cfg: DictConfig, report: Report, stages: list[str]) -> None:
 def check_manifests(cfg: DictConfig, report: Report) -> None:
     """Files that ``memguard fetch`` wrote (its ``manifest.json`` beside each input) and that were changed or
     removed since: named, one line per input."""
-    from memguard.fetch import manifest
-    from memguard.fetch.sources import destination, nodes
-
     for key, node in nodes(cfg).items():
         dest = destination(cfg, key, node)
         if dest is None or not dest.exists():  # a missing input is reported by its own check
@@ -364,9 +351,6 @@ def _model_resolution(model: Path | None) -> int | None:
 
 def check_inputs(cfg: DictConfig) -> Report:
     """Every input of ``cfg`` that a run needs; nothing is written."""
-    from memguard.evaluate import STAGES
-    from memguard.runs.prompts import load_seeds
-
     report = Report()
     model = check_model(cfg, report)
     if cfg.get("dataset") is not None and cfg.prompts_file is not None and not Path(cfg.prompts_file).exists():

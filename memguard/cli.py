@@ -32,7 +32,7 @@ from typing import Any
 import memguard
 from memguard.errors import UserError
 
-CONF_DIR = memguard.ROOT / "conf"
+CONF_DIR = memguard.CONF_DIR
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -137,16 +137,19 @@ def _parser(name: str, what: str, example: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def command_help(name: str) -> str:
-    """``memguard NAME --help``'s own part: what the command does, its main keys with their defaults, an example."""
-    from hydra import compose, initialize_config_dir
+def command_help(name: str, overrides: list[str] | None = None, full: bool = False) -> str:
+    """``memguard NAME --help``'s own part: what the command does, its main keys with their defaults (under
+    ``overrides``), an example. ``full``: then, as Hydra's own help page lays them out, every config group's options
+    and the composed config (read here, from one composition: Hydra's page lists each group through a fresh
+    config repository, seconds)."""
+    from hydra import compose, initialize_config_dir  # start-up: Hydra loads only for the commands that compose
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     what, keys, example = COMMAND_HELP[name]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config")
+        cfg = compose("config", overrides=list(overrides or []))
     GlobalHydra.instance().clear()
 
     def default(key: str) -> str:
@@ -163,7 +166,24 @@ def command_help(name: str) -> str:
     lines = [f"usage: memguard {name} [key=value ...]", "", *textwrap.wrap(what, 100), "", "main keys (default):"]
     lines += [f"  {key:<{width}}  {default(key)}" for key in keys]
     more = [docs_line(name), ""] if docs_line(name) else []
-    return "\n".join([*lines, "", f"example:\n  {example}", "", *more, "Every key and group (Hydra) follows.", ""])
+    head = [*lines, "", f"example:\n  {example}", "", *more, "Every key and group (Hydra) follows.", ""]
+    if not full:
+        return "\n".join(head)
+    groups = [f"{group.name}: {', '.join(sorted(p.stem for p in group.glob('*.yaml')))}"
+              for group in sorted(CONF_DIR.iterdir()) if group.is_dir() and group.name != "hydra"]
+    return "\n".join([*head, "== Configuration groups ==", "Compose your configuration from those groups (group=option)",
+                      "", *groups, "", "== Config ==", "Override anything in the config (foo.bar=value)", "",
+                      OmegaConf.to_yaml(cfg), f"Hydra's own options: memguard {name} --hydra-help"])
+
+
+def _help_overrides(args: list[str]) -> list[str] | None:
+    """The overrides of a ``--help`` command line that a plain composition takes, or None where only Hydra's own
+    help can show them (a sweep, ``-m``, a ``hydra.`` key)."""
+    overrides = [arg for arg in args if arg not in ("-h", "--help")]
+    if any(arg.startswith("-") or arg.lstrip("+~").startswith("hydra") or "," in arg.partition("=")[2]
+           for arg in overrides):
+        return None
+    return overrides
 
 
 # the commands that write no run folder: Hydra gets no output folder of theirs (its .hydra/ and log) to write
@@ -177,12 +197,21 @@ def source_overrides(overrides: list[str]) -> list[str]:
 
 
 def _hydra_command(name: str, task: Callable[[Any], Any], overrides: list[str]) -> None:
-    import hydra
+    import hydra  # start-up: as above
 
     if not (CONF_DIR / "config.yaml").is_file():
-        raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; install with `pip install -e .`")
+        raise SystemExit(f"memguard: error: config folder {CONF_DIR} is missing; reinstall memguard (pip install "
+                         "memguard's wheel, or pip install -e . in a clone)")
     if any(arg in ("-h", "--help") for arg in overrides):
-        print(command_help(name))
+        plain = _help_overrides(overrides)
+        try:
+            text = None if plain is None else command_help(name, plain, full=True)
+        except Exception:  # an override that does not compose: Hydra's own help below reports it as Hydra does
+            text = None
+        if text is not None:
+            print(text)
+            return
+        print(command_help(name))  # then Hydra's own page, for the overrides a plain composition does not take
         overrides = ["--help" if arg == "-h" else arg for arg in overrides]
     _report_user_errors(check_launcher, overrides)
 
@@ -207,9 +236,9 @@ def _random_model(args: list[str]) -> None:
     options = parser.parse_args(args)
     if options.folder.exists() and any(options.folder.iterdir()):
         raise SystemExit(f"memguard: error: {options.folder} exists and is not empty; choose another folder")
-    from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils import logging as diffusers_logging  # start-up: torch and diffusers load for this command only
 
-    from memguard.families import FAMILIES, random_family
+    from memguard.families import FAMILIES, random_family  # start-up: as above
 
     if options.family not in FAMILIES:
         raise SystemExit(f"memguard: error: --family {options.family!r} is not a model family; use one of "
@@ -218,7 +247,7 @@ def _random_model(args: list[str]) -> None:
         raise SystemExit("memguard: error: --no-t5 applies to --family sd3 only")
     diffusers_logging.disable_progress_bar()
     if options.no_t5:
-        from memguard.families.sd3 import SD3
+        from memguard.families.sd3 import SD3  # start-up: as above
 
         model = SD3.random(options.seed, t5=False)
     else:
@@ -234,7 +263,7 @@ def _tables(args: list[str]) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"),
                         help="holds runs/; tables/ is written there (outputs)")
     options = parser.parse_args(args)
-    from memguard.tables import write_tables
+    from memguard.tables import write_tables  # start-up: pandas and matplotlib load for this command only
 
     for path in write_tables(options.output_dir):
         if path.suffix == ".md":
@@ -252,7 +281,7 @@ def _calibrate(args: list[str]) -> None:
     parser.add_argument("--detect-step", type=int, default=0, help="mitigation.auto.detect_step (0)")
     parser.add_argument("--group", nargs="*", default=None, help="use only these prompt groups (e.g. unique)")
     options = parser.parse_args(args)
-    from memguard.metrics.detection import calibrate
+    from memguard.metrics.detection import calibrate  # start-up: torch loads for this command only
 
     result = calibrate(options.run_dir, options.fpr, options.detect_step, options.group)
     print(f"threshold {result['threshold']:.6g} ({result['measured_fpr']:.4f} of {result['n_images']} images above it) "
@@ -269,9 +298,39 @@ def _plot(args: list[str]) -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders, one column each")
     parser.add_argument("--output", type=Path, default=None, help="the figure's file (default RUN_DIR/norms.png)")
     options = parser.parse_args([a.removeprefix("run_dir=") for a in args])
-    from memguard.runs.plots import plot_norms
+    from memguard.runs.plots import plot_norms  # start-up: matplotlib loads for this command only
 
     print(f"wrote {plot_norms(options.run_dirs, options.output)}")
+
+
+# The Hydra commands' tasks as "module:function": each module is imported when its task runs, not before (they
+# import torch and diffusers, seconds that `memguard COMMAND --help` and a mistyped override should not wait)
+TASKS = {
+    "run": "memguard.runner:run", "check": "memguard.check:check", "fetch": "memguard.fetch.command:fetch",
+    "basin": "memguard.basin:basin", "evaluate": "memguard.evaluate:evaluate",
+    "train": "memguard.train:train_from_config", "finetune": "memguard.finetune:finetune",
+    "nemo-localize": "memguard.mitigations.nemo_localize:localize",
+}
+# Overrides a command puts before the user's: basin and nemo-localize write their own folder kinds, outside runs/
+# (which `memguard tables` reads); nemo-localize's beside its neuron file
+EXTRA_OVERRIDES = {
+    "basin": ["run_dir=${paths.output_dir}/basin/${basin.name}", "hydra.sweep.dir=${paths.output_dir}/basin",
+              "hydra.sweep.subdir=${basin.name}"],
+    "nemo-localize": ["run_dir=${paths.output_dir}/nemo/${scenario.name}"],
+}
+
+
+def _task(command: str) -> Callable[[Any], Any]:
+    """The command's task function, its module imported at the first call."""
+    module, _, function = TASKS[command].partition(":")
+
+    def task(cfg: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(cfg)
+
+    task.__name__ = function
+    return task
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,41 +340,8 @@ def main(argv: list[str] | None = None) -> None:
               "(`make docs` builds the site: site/index.html)")
         return
     command, rest = argv[0], argv[1:]
-    if command == "run":
-        from memguard.runner import run
-
-        _hydra_command("run", run, rest)
-    elif command == "check":
-        from memguard.check import check
-
-        _hydra_command("check", check, rest)
-    elif command == "fetch":
-        from memguard.fetch.command import fetch
-
-        _hydra_command("fetch", fetch, rest)
-    elif command == "basin":
-        from memguard.basin import basin
-
-        folder = "${paths.output_dir}/basin"  # its own folder kind, outside runs/ (which `memguard tables` reads)
-        _hydra_command("basin", basin, [f"run_dir={folder}/${{basin.name}}", f"hydra.sweep.dir={folder}",
-                                        "hydra.sweep.subdir=${basin.name}", *rest])
-    elif command == "evaluate":
-        from memguard.evaluate import evaluate
-
-        _hydra_command("evaluate", evaluate, rest)
-    elif command == "train":
-        from memguard.train import train_from_config
-
-        _hydra_command("train", train_from_config, rest)
-    elif command == "finetune":
-        from memguard.finetune import finetune
-
-        _hydra_command("finetune", finetune, rest)
-    elif command == "nemo-localize":
-        from memguard.mitigations.nemo_localize import localize
-
-        folder = "${paths.output_dir}/nemo/${scenario.name}"  # beside its neuron file, outside runs/
-        _hydra_command("nemo-localize", localize, [f"run_dir={folder}", *rest])
+    if command in TASKS:
+        _hydra_command(command, _task(command), [*EXTRA_OVERRIDES.get(command, []), *rest])
     elif command == "tables":
         _tables(rest)
     elif command == "random-model":

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from memguard.errors import UserError
@@ -55,6 +56,29 @@ class Components:
     @property
     def networks(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
+
+
+# dtype=NAME -> the denoiser's and text encoders' torch dtype
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Reject bad top-level values, naming the key."""
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise UserError(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
+    for key in ("guidance.scale", "guidance.og_scale"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or not value >= 0:
+            raise UserError(f"{key}={value} must be a number >= 0 (opposite guidance is set by its strength, not a sign)")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1 or auto")
+    if not isinstance(cfg.sampler.steps, int) or cfg.sampler.steps < 1:
+        raise UserError(f"sampler.steps={cfg.sampler.steps} must be an integer >= 1")
+    if cfg.trajectory not in ("full", "off"):
+        raise UserError(f"trajectory={cfg.trajectory!r} is not one of full (d_t at every step, the paper's record), "
+                        "off (skip a branch the scale leaves unused)")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

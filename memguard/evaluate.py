@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from memguard.errors import UserError, instantiate_checked
 from memguard.metrics.bootstrap import Above, Percentile, describe, intervals, with_intervals
+from memguard.metrics.detection import detection_stage_result
 from memguard.metrics.fid import fid_of_files
 from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
 from memguard.metrics.similarity import embed_files, nearest_references, summarize
@@ -238,8 +239,6 @@ def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, referen
 
 
 def detection_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
-    from memguard.metrics.detection import detection_stage_result
-
     settings = instantiate_checked(cfg.metrics.detection, "metrics.detection")
     copy = cfg.metrics.copy_threshold if cfg.metrics.copy_threshold is not None else cfg.metrics.threshold
     result = detection_stage_result(settings, run_dir, generations, copy)

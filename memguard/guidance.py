@@ -16,10 +16,14 @@ into another.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from memguard.errors import UserError
 
 
 def _check_non_negative(name: str, value: float) -> None:
@@ -230,11 +234,6 @@ def detection_score(d: Tensor, steps: int = 1) -> Tensor:
 
 def calibrated_threshold(path: str | None, detect_step: int) -> float:
     """The threshold ``memguard calibrate`` wrote to ``path`` (JSON), for the same ``detect_step``."""
-    import json
-    from pathlib import Path
-
-    from memguard.errors import UserError
-
     if path is None or not Path(path).is_file():
         raise UserError(f"mitigation.auto.threshold is not set and no calibration exists at "
                         f"mitigation.auto.calibration={path}; give mitigation.auto.threshold=X, or calibrate it: "

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memguard.errors import UserError
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95),
            "yellow": (0.95, 0.9, 0.1), "magenta": (0.9, 0.15, 0.85), "cyan": (0.1, 0.85, 0.9)}
@@ -273,8 +275,6 @@ def dataset_digest(folder: str | Path) -> str:
 def ensure_dataset(folder: str | Path, digest: str | None = None, **spec: float) -> Path:
     """Write the dataset described by ``spec`` (:func:`write_dataset`'s arguments) into ``folder`` unless it is
     there, then check it is the one ``digest`` names (the one the model was trained on)."""
-    from memguard.errors import UserError
-
     root = Path(folder)
     if not (root / "metadata.jsonl").exists():
         write_dataset(root, **spec)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def sampler_file(name: str) -> Path:
-    return memguard.ROOT / "conf" / "sampler" / f"{name}.yaml"
+    return memguard.CONF_DIR / "sampler" / f"{name}.yaml"
 
 
 def sampler_node(name: str, steps: int) -> DictConfig:

@@ -5,7 +5,7 @@ tables and figures)::
 
     config.yaml          the resolved config
     images/{prompt_idx:05d}_{seed}.png
-                         one PNG per generation (seed: the image's own, under seed_scheme; runs.prompts.Seeds);
+                         one PNG per generation (seed: the image's own, under seed_scheme; runs.seeds.Seeds);
                          its "memguard" text chunk holds the prompt, seed and the per-step trajectory, so an
                          image and its record are written in one atomic rename
     trajectories.csv     prompt_idx, seed, step, timestep, d, scale   (rebuilt from the PNGs)
@@ -28,18 +28,18 @@ from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from memguard.baselines import Baselines
 from memguard.check import require_inputs
-from memguard.components import FOLDER_HELP, load_scheduler, resolve_device
+from memguard.components import DTYPES, check_settings, load_scheduler, resolve_device
 from memguard.errors import UserError, instantiate_checked
+from memguard.evaluate import evaluate, planned_stages
 from memguard.families import Family, family_class, load_family
 from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.metrics.bootstrap import intervals, with_intervals
-from memguard.mitigations import SLOTS
+from memguard.mitigations import SLOTS, Baselines
 from memguard.protocol import apply_protocol, resolve_sampler
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import (
@@ -49,37 +49,17 @@ from memguard.runs.outputs import (
     write_figures,
     write_tables,
 )
-from memguard.runs.prompts import Prompts, load_prompts, load_seeds
+from memguard.runs.prompts import Prompts, load_prompts
+from memguard.runs.seeds import load_seeds
 from memguard.runs.shard import finishing, record_shard, shard_of, unfinished_result, write_config
 from memguard.runs.writer import ImageWriter
 from memguard.sampling import generate_images
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Reject bad top-level values, naming the key."""
-    if OmegaConf.is_missing(cfg.model, "path"):
-        raise UserError(f"model.path is not set; give model.path=DIR, where {FOLDER_HELP}")
-    for key in ("guidance.scale", "guidance.og_scale"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, (int, float)) or not value >= 0:
-            raise UserError(f"{key}={value} must be a number >= 0 (opposite guidance is set by its strength, not a sign)")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
-        raise UserError(f"batch_size={cfg.batch_size} must be an integer >= 1 or auto")
-    if not isinstance(cfg.sampler.steps, int) or cfg.sampler.steps < 1:
-        raise UserError(f"sampler.steps={cfg.sampler.steps} must be an integer >= 1")
-    if cfg.trajectory not in ("full", "off"):
-        raise UserError(f"trajectory={cfg.trajectory!r} is not one of full (d_t at every step, the paper's record), "
-                        "off (skip a branch the scale leaves unused)")
 
 
 def build_schedule(cfg: DictConfig, num_train_timesteps: int) -> GuidanceSchedule:
@@ -151,7 +131,6 @@ def generate(components: Family, scheduler: SchedulerMixin, schedule: GuidanceSc
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Generate (resuming) every requested image of ``cfg`` into ``cfg.run_dir``; return metrics."""
-    from memguard.evaluate import planned_stages  # evaluate imports this module
     # 1. Check every input that is cheap to check before the folder is touched
     check_settings(cfg)
     shard = shard_of(cfg)  # this process's share of the pairs (shard.index/count, accelerate's RANK/WORLD_SIZE)
@@ -223,8 +202,6 @@ def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record
            pairs: list[tuple[int, int]], todo: list[tuple[int, int]], seconds: float, evaluating: bool) -> dict[str, Any]:
     """Tables, figures and ``metrics.json`` of a folder with nothing missing (``pairs``: every image, prompt
     by prompt), then its evaluation."""
-    from memguard.evaluate import evaluate  # evaluate imports this module
-
     prompts = loaded.texts
     ordered = [records[pair] for pair in pairs]
     write_tables(run_dir, ordered, loaded)

@@ -12,19 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from memguard.components import Components
+from memguard.errors import UserError
 from memguard.families import Conditions, Family, as_family, join
+from memguard.families.sd import SD
 from memguard.guidance import GuidanceSchedule
-
-if TYPE_CHECKING:
-    from memguard.baselines import Baselines
-    from memguard.mitigations import Branches
+from memguard.mitigations import Baselines, Branches, Start
 
 StepCallback = Callable[[dict[str, Tensor | int | float]], None]
 
@@ -162,8 +160,6 @@ def _adapter(model: Family | torch.nn.Module, scheduler: SchedulerMixin, cond: C
     """A family adapter and its conditions; a bare UNet with embedding tensors is the sd family."""
     if isinstance(model, Family):
         return model, cond, uncond
-    from memguard.families.sd import SD
-
     return (SD(Components(model, None, None, None, scheduler)), {"encoder_hidden_states": cond.to(model.dtype)},
             {"encoder_hidden_states": uncond.to(model.dtype)})
 
@@ -195,8 +191,6 @@ def prepare_batch(family: Family, prompts: Sequence[str], seeds: Sequence[int],
     """One batch's conditions, null conditions and per-seed unit noise (:func:`initial_noise`) on the denoiser's
     device and dtype, for images ``resolution`` pixels square (default: the model's own, denoiser sample size
     times the VAE factor)."""
-    from memguard.errors import UserError
-
     factor = family.vae_scale_factor
     side = resolution or family.default_resolution
     if side % factor:
@@ -225,9 +219,6 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
     denoiser's modules while the batch is sampled. ``trajectory``: see :func:`sample` (a hook or extra branches
     make it ``full``). The slots' per-image ``info`` is the trajectory's ``info`` (their ``unet_evals_before``
     summed)."""
-    from memguard.baselines import Baselines
-    from memguard.mitigations import Start
-
     baselines = baselines or Baselines()
     family = as_family(model)
     cond, uncond, noise = prepare_batch(family, prompts, seeds, resolution)

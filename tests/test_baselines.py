@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from memguard.baselines import Baselines, RandomTokens, RenAttention
+from memguard.mitigations import Baselines
+from memguard.mitigations.random_tokens import RandomTokens
+from memguard.mitigations.ren import RenAttention
 from memguard.components import clip_tokenizer
 from memguard.runner import run
 from tests.test_run import config
@@ -216,7 +218,7 @@ def test_wen_shared_embedding_matches_a_reference_written_from_the_description(t
     seven below a flip: the comparison no longer depends on the CPU."""
     import copy
 
-    from memguard.baselines import WenSharedEmbedding
+    from memguard.mitigations.wen import WenSharedEmbedding
     from memguard.families import as_family
     from memguard.families.sd import encode_prompts
     from memguard.sampling import initial_noise
@@ -260,7 +262,7 @@ def test_wen_shared_embedding_is_one_per_prompt_and_independent_of_batch_size(ti
 def test_wen_per_image_leaves_the_start_token_to_weight_decay_alone(tiny_components) -> None:
     """As Wen et al.'s code (``grad[:, [0]] * 0``): the start token gets no gradient step, only AdamW's decoupled
     decay ``(1 - lr * 0.01)`` per iteration; the other tokens move."""
-    from memguard.baselines import WenEmbeddingOptimization
+    from memguard.mitigations.wen import WenEmbeddingOptimization
     from memguard.families import as_family
     from memguard.families.sd import encode_prompts
     from memguard.sampling import initial_noise

@@ -25,7 +25,7 @@ FENCE = re.compile(r"^```[^\n]*\n.*?^```$", re.MULTILINE | re.DOTALL)
 
 
 def _hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts" / "docs_hooks.py")
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts" / "docs" / "hooks.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -246,7 +246,7 @@ def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture[st
         assert not anchor or anchor in {slugify(h, "-") for h in headings((ROOT / page).read_text())}, (name, target)
 
 
-@pytest.mark.slow  # imports the runner (torch, diffusers): about 20 s
+@pytest.mark.slow  # a whole process (Hydra composes the config; no torch): about 1 s
 def test_run_help_is_memguards_then_hydras(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "memguard.cli", "run", "--help"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.families import as_family
 from memguard.guidance import Constant
 from memguard.mitigations import Branches, NoiseAdjustment, Start
@@ -65,7 +65,7 @@ def test_a_noise_adjustment_is_applied_per_image(tiny_components) -> None:
     alone, _ = _images(tiny_components, Baselines(noise=Shift(0.5)), PROMPTS[1:], SEEDS[1:])
     assert torch.allclose(moved[1], alone[0], atol=1e-5)  # per image: the same alone as in a batch
     assert traj.info["unet_evals_before"].tolist() == [7, 7]
-    from memguard.baselines import WenEmbeddingOptimization
+    from memguard.mitigations.wen import WenEmbeddingOptimization
 
     both = Baselines(noise=Shift(0.5), embedding=WenEmbeddingOptimization(l_target=1e9, max_iters=0))
     assert _images(tiny_components, both)[1].info["unet_evals_before"].tolist() == [7 + 2, 7 + 2]  # costs add up
@@ -103,7 +103,7 @@ def test_a_run_records_the_slot_cost_per_image(tiny_model_dir: Path, tmp_path: P
                                        ["mitigation=prss", "mitigation.embedding.max_iters=2",
                                         "mitigation.embedding.l_target=1e-6"]])
 def test_a_slot_that_optimises_also_runs_when_sampling_is_under_no_grad(tiny_components, overrides) -> None:
-    """scripts/bench_sampling.py (and any caller) may sample under torch.no_grad(): an optimisation before sampling
+    """scripts/bench/sampling.py (and any caller) may sample under torch.no_grad(): an optimisation before sampling
     still takes its gradients."""
     from memguard.runner import build_baselines, build_schedule
     from tests.test_configs import compose_config

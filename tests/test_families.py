@@ -12,7 +12,7 @@ import diffusers
 import pytest
 import torch
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.errors import UserError, instantiate_checked
 from memguard.families import FAMILIES, family_name, load_family, random_family
 from memguard.families.dit import DiT

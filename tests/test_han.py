@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.errors import UserError, instantiate_checked
 from memguard.families import as_family, random_family
 from memguard.guidance import Constant, DelayedStart, transition_step

@@ -1,6 +1,13 @@
-"""No two modules of the package import each other, directly or through others, counting the imports inside
-functions too (a deferred import hides a cycle from the interpreter, not from the reader). A package may import
-its own submodules (``memguard.families`` loads the family adapters by name)."""
+"""The package's imports flow one way, lowest layer first:
+
+    foundations -> run folder, metrics and data -> mitigations -> the loop -> tasks -> the CLI
+
+A module imports only modules of its own layer or lower ones, counting the imports inside functions and under
+``if TYPE_CHECKING:`` too (a deferred import hides an arrow from the interpreter, not from the reader); within a
+layer, no two modules import each other, directly or through others. A deferred import exists only to keep
+start-up fast (the CLI loads a task's module when the task runs). A package may import its own submodules
+(``memguard.families`` loads the family adapters by name). A new module is placed by :data:`LAYERS` (a module no
+entry names fails the test: say where it belongs)."""
 
 from __future__ import annotations
 
@@ -66,6 +73,59 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+# (layer, modules): a name ending in ".*" covers a package's modules not named elsewhere (a longer name wins)
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundations", ("memguard", "memguard._compat", "memguard.errors", "memguard.components", "memguard.families",
+                     "memguard.families.*", "memguard.guidance", "memguard.gpu", "memguard.protocol",
+                     "memguard.procedural")),
+    ("run folder, metrics and data", ("memguard.runs", "memguard.runs.*", "memguard.metrics", "memguard.metrics.*",
+                                      "memguard.fetch", "memguard.fetch.*")),
+    ("mitigations", ("memguard.mitigations", "memguard.mitigations.*")),
+    ("the loop", ("memguard.sampling",)),
+    ("tasks", ("memguard.runner", "memguard.evaluate", "memguard.check", "memguard.fetch.command", "memguard.basin",
+               "memguard.train", "memguard.finetune", "memguard.tables")),
+    ("the CLI", ("memguard.cli",)),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in :data:`LAYERS` of the entry naming ``module`` (exactly, else the longest ``package.*``)."""
+    best: tuple[int, int] | None = None  # (length of the matching name, layer)
+    for index, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if name == module:
+                return index
+            if name.endswith(".*") and module.startswith(name[:-1]) and (best is None or len(name) > best[0]):
+                best = (len(name), index)
+    return None if best is None else best[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every arrow from a module to a module of a higher layer, as "a (layer) -> b (layer)" (modules without a
+    layer are :func:`test_every_module_has_a_layer`'s)."""
+    return [f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+            for a in sorted(graph) for b in sorted(graph[a])
+            if None not in (layer_of(a), layer_of(b)) and layer_of(b) > layer_of(a)]
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in sorted(import_graph()) if layer_of(m) is None] == []
+
+
+def test_imports_flow_from_the_lower_layers_up() -> None:
+    graph = import_graph()
+    assert "memguard.runner" in graph["memguard.cli"] or any("memguard.runner" in v for v in graph.values())
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"memguard.families": {"memguard.sampling"}, "memguard.sampling": {"memguard.families"},
+             "memguard.fetch.command": {"memguard.check"}, "memguard.fetch.http": {"memguard.fetch.command"}}
+    assert upward_imports(graph) == [
+        "memguard.families (foundations) -> memguard.sampling (the loop)",
+        "memguard.fetch.http (run folder, metrics and data) -> memguard.fetch.command (tasks)"]
 
 
 def test_no_two_modules_import_each_other() -> None:

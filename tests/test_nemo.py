@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.components import random_components, save_components
 from memguard.errors import UserError, instantiate_checked
 from memguard.families import as_family

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from memguard.check import check_inputs
 from memguard.errors import UserError
-from memguard.runs.prompts import Columns, load_prompts, read_prompts_file
+from memguard.runs.prompt_files import Columns, read_prompts_file
+from memguard.runs.prompts import load_prompts
 from tests.test_configs import compose_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prompts"

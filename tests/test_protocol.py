@@ -88,9 +88,9 @@ def test_baseline_defaults_are_the_ones_docs_protocol_lists() -> None:
     mitigation = lambda name: OmegaConf.load(CONF / "mitigation" / f"{name}.yaml")
     assert mitigation("ren").attention.mask_branches == "both"
     for level in (1, 3):
-        assert mitigation(f"wen_l{level}").embedding._target_ == "memguard.baselines.WenSharedEmbedding"
+        assert mitigation(f"wen_l{level}").embedding._target_ == "memguard.mitigations.wen.WenSharedEmbedding"
         per_image = mitigation(f"wen_l{level}_per_image")
-        assert per_image.embedding._target_ == "memguard.baselines.WenEmbeddingOptimization"
+        assert per_image.embedding._target_ == "memguard.mitigations.wen.WenEmbeddingOptimization"
         assert per_image.embedding.lr == 0.05 and per_image.embedding.max_iters == 10
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.errors import UserError
 from memguard.families import as_family
 from memguard.guidance import Constant

@@ -172,7 +172,7 @@ def test_folders_from_before_seed_scheme_resume_as_shared(tiny_model_dir: Path, 
 
 
 def test_seeds_of_each_scheme() -> None:
-    from memguard.runs.prompts import load_seeds
+    from memguard.runs.seeds import load_seeds
 
     shared = load_seeds(compose_config(["images_per_prompt=3"]))
     assert len(shared) == 3 and shared.of(0) == shared.of(7) == [0, 1, 2] and shared.image_set(2) == [0, 1, 2]

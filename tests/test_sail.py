@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.errors import UserError, instantiate_checked
 from memguard.families import as_family
 from memguard.guidance import Constant

@@ -42,8 +42,6 @@ from memguard.errors import UserError
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    from memguard.baselines import Baselines
-
 Conditions = dict[str, Tensor]  # keyword arguments of the denoiser, each batch-first: one row per sample
 
 # family name -> (module, class); the pipeline class each family reproduces is the class's ``pipeline_class``
@@ -142,9 +140,10 @@ class Family:
                             "predicts eps or v: use sampler=dpm, ddim, euler or pndm")
 
     @classmethod
-    def check_baselines(cls, baselines: Baselines, mitigation: str) -> None:
+    def check_baselines(cls, baselines: Any, mitigation: str) -> None:
         """Refuse baselines that need what this family lacks: text (``mitigation.prompt``, ``.embedding``: sd, sdxl,
-        sd3) or attn2 cross-attention (``mitigation.attention``, Ren et al.'s: sd, sdxl)."""
+        sd3) or attn2 cross-attention (``mitigation.attention``, Ren et al.'s: sd, sdxl). ``baselines``: a
+        :class:`memguard.mitigations.Baselines` (a higher layer, so read by its slots' names, not imported)."""
         needs_text = [key for key in ("prompt", "embedding") if getattr(baselines, key) is not None]
         if needs_text and not cls.text:
             raise UserError(f"mitigation={mitigation} changes the text prompt (mitigation.{needs_text[0]}), but a "

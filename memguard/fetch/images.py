@@ -45,9 +45,9 @@ class Job:
 
 def jobs(prompts_file: Path, column: str, key_field: str | None) -> list[Job]:
     """One job per URL of the prompt file's ``column`` (one URL, or a list of them: MemBench's ``urls``), the file
-    read as ``prompts_file`` is (:func:`memguard.runs.prompts.read_prompts_file`: JSONL, CSV, parquet);
+    read as ``prompts_file`` is (:func:`memguard.runs.prompt_files.read_prompts_file`: JSONL, CSV, parquet);
     ``key_field`` (references_per_prompt) names each prompt's folder, else the prompt's row index."""
-    from memguard.runs.prompts import Columns, read_prompts_file
+    from memguard.runs.prompt_files import Columns, read_prompts_file
 
     loaded = read_prompts_file(prompts_file, Columns(key=key_field))
     out: list[Job] = []

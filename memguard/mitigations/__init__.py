@@ -7,9 +7,8 @@ A mitigation (``conf/mitigation/NAME.yaml``) is a guidance schedule (``mitigatio
 =====================  ==================================  ===============================================
 slot                   interface (called)                  methods
 =====================  ==================================  ===============================================
-``mitigation.prompt``  :class:`memguard.baselines.         random words / numbers (Somepalli et al.)
-                       PromptTransform` (per image, on
-                       the text)
+``mitigation.prompt``  :class:`PromptTransform` (per      random words / numbers (Somepalli et al.)
+                       image, on the text)
 ``mitigation.noise``   :class:`NoiseAdjustment` (once per  Han et al. (``han``, ``han_per_sample``), SAIL
                        batch, before sampling, on x_T)
 ``mitigation.          ``adjust(...)`` (once per batch,    Wen et al. (``wen_l1``, ``wen_l3``, per image),
@@ -37,7 +36,7 @@ added to the loop's own count, so ``unet_evals_per_image`` is a method's whole c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,6 +46,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import PreTrainedTokenizerBase
 
 # memguard.families imports this package (its refusals read ``families``), so its types are named here, not imported
 Family = Any  # a family adapter, memguard.families.Family
@@ -78,6 +78,20 @@ class Start:
         if self.a == 1 and not self.b:
             return output
         return self.a * output + self.b * self.model_input(latents)
+
+
+class PromptTransform:
+    """``mitigation.prompt``: ``transform(prompt, seed, tokenizer) -> str``, what the model is prompted with for
+    this image (random tokens). The run keeps the original prompt (alignment is scored against it) and records the
+    text the model saw (``model_prompt``)."""
+
+    def __call__(self, prompt: str, seed: int, tokenizer: PreTrainedTokenizerBase) -> str:
+        raise NotImplementedError
+
+
+# ``mitigation.embedding``: ``adjust(model, x_in, t, cond, uncond, prompts=..., seeds=..., model_input=...) ->
+# (cond, info)``, the prompt's conditions replaced before sampling (Wen et al., PRSS's semantic search)
+EmbeddingAdjustment = Callable[..., tuple[Conditions, Info]]
 
 
 class NoiseAdjustment:
@@ -165,3 +179,14 @@ def masked_step(optimizer: torch.optim.Optimizer, param: Tensor, active: Tensor)
     optimizer.step()
     with torch.no_grad():
         param[~active] = frozen[~active]
+
+
+@dataclass
+class Baselines:
+    """A mitigation's non-schedule parts, each optional: the slots above, in the order they act."""
+
+    prompt: PromptTransform | None = None
+    noise: NoiseAdjustment | None = None
+    embedding: EmbeddingAdjustment | None = None
+    branches: Branches | None = None
+    attention: DenoiserHook | None = None

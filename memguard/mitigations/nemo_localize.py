@@ -56,10 +56,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from memguard.components import DTYPES, check_settings, resolve_device
 from memguard.errors import UserError
+from memguard.families import family_class, join, load_family
+from memguard.fetch.manifest import sha256_of
 from memguard.mitigations.nemo import channel_scale, scaled_channels, value_projections
+from memguard.runs.prompt_files import read_prompts_file
+from memguard.runs.prompts import load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +304,6 @@ class NoiseDiffs:
     def __call__(self, blocked: Mapping[str, Sequence[int]] | None = None, rows: Tensor | None = None) -> Tensor:
         """``D`` ``(n, C, h, w)`` float32 of the samples ``rows`` (a bool mask; all by default) with ``blocked``
         (module -> channels) times ``factor`` in every row of the denoiser's batch."""
-        from memguard.families import join
-
         x = self.x if rows is None else self.x[rows.to(self.x.device)]
         denoiser = self.family.denoiser
         modules = value_projections(denoiser)
@@ -424,8 +428,6 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 def _statistics(cfg: Any, family: Any, modules: dict[str, int], size: int | None, batch: int) -> tuple[Statistics, Path]:
     """``nemo.statistics``, computed first from ``nemo.statistics_prompts`` where given, unless the file holds
     memguard's statistics of the same prompts and model already; a file memguard did not write is not replaced."""
-    from memguard.runs.prompts import read_prompts_file
-
     if cfg.nemo.statistics is None:
         raise UserError("nemo.statistics is not set; give NeMo's SD 1.x file (scenario=nemo500 sets it and `memguard "
                         "fetch` brings it), or nemo.statistics_prompts=FILE of non-memorized prompts with "
@@ -455,14 +457,6 @@ def _statistics(cfg: Any, family: Any, modules: dict[str, int], size: int | None
 
 def localize(cfg: Any) -> dict[str, Any]:
     """Localize every prompt of ``cfg`` (resuming) into ``nemo.output``; the summary it logs."""
-    from omegaconf import OmegaConf
-
-    from memguard.components import resolve_device
-    from memguard.families import family_class, load_family
-    from memguard.fetch.manifest import sha256_of
-    from memguard.runner import DTYPES, check_settings
-    from memguard.runs.prompts import load_prompts
-
     # 1. Inputs
     check_settings(cfg)
     settings = Settings.from_config(OmegaConf.to_container(cfg.nemo, resolve=True))

@@ -31,6 +31,14 @@ GENERATION_KEYS = ("scenario", "model", "sampler", "mitigation", "guidance", "re
 # What a folder written before a key existed was made with: the key's default then (a dotted key: where its
 # parent node is there, e.g. a prompt baseline's draw).
 FORMER_DEFAULTS = {"seed_scheme": "shared", "mitigation.prompt.per": "image"}
+# Classes that moved: the ``_target_`` a folder's saved config names -> where the class lives now, so a folder
+# written before the move resumes (the random-token, Wen and Ren baselines left ``memguard/baselines.py``).
+FORMER_TARGETS = {
+    "memguard.baselines.RandomTokens": "memguard.mitigations.random_tokens.RandomTokens",
+    "memguard.baselines.WenEmbeddingOptimization": "memguard.mitigations.wen.WenEmbeddingOptimization",
+    "memguard.baselines.WenSharedEmbedding": "memguard.mitigations.wen.WenSharedEmbedding",
+    "memguard.baselines.RenAttention": "memguard.mitigations.ren.RenAttention",
+}
 PNG_KEY = "memguard"
 
 
@@ -89,11 +97,26 @@ def with_former_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def with_current_targets(node: Any) -> Any:
+    """A saved config tree with every ``_target_`` that names a moved class (:data:`FORMER_TARGETS`) renamed."""
+    if isinstance(node, dict):
+        return {k: FORMER_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else with_current_targets(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_current_targets(v) for v in node]
+    return node
+
+
+def saved_config(config_file: Path) -> dict[str, Any]:
+    """A run folder's saved ``config.yaml`` (unresolved), with moved classes under their current names."""
+    return with_current_targets(OmegaConf.to_container(OmegaConf.load(config_file), resolve=False))
+
+
 def check_folder(cfg: DictConfig, run_dir: Path) -> None:
     """Check that an existing run folder was made with the same generation settings as ``cfg``."""
     config_file = run_dir / "config.yaml"
     if config_file.exists():
-        saved = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        saved = saved_config(config_file)
         old = with_former_defaults({key: saved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS})
         diffs = differences(old, generation_settings(cfg))
         if diffs:
@@ -135,7 +158,7 @@ def finished_record(path: Path) -> Record | None:
 def existing_records(run_dir: Path, prompts: list[str], pairs: list[tuple[int, int]],
                      only: set[tuple[int, int]] | None = None) -> dict[tuple[int, int], Record]:
     """Records of the requested images (``pairs``: ``(prompt_idx, seed)``, :meth:`Seeds.pairs
-    <memguard.runs.prompts.Seeds.pairs>`) already in the folder; refuses images made for another prompt. An
+    <memguard.runs.seeds.Seeds.pairs>`) already in the folder; refuses images made for another prompt. An
     image that cannot be read or has no record is left out, with a warning, so it is made again. ``only``
     reads only those pairs (a shard's own, or the ones other shards were making)."""
     records = {}

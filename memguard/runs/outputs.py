@@ -11,7 +11,7 @@ import numpy as np
 from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.runs.folder import Record, atomic_write_text
 from memguard.runs.plots import plot_norms
-from memguard.runs.prompts import Prompts
+from memguard.runs.prompt_files import Prompts
 from memguard.runs.report import write_grid, write_report
 
 

@@ -1,6 +1,6 @@
 """Mean zero-guidance d_t per step on each family's tiny random model: the units, not memorization.
 
-    python scripts/family_dt.py --steps 20
+    python scripts/probes/family_dt.py --steps 20
 
 Random weights say nothing about memorization; this shows what d_t (eps units) and d_raw (the model's own
 units) look like per family, e.g. SD3's (1 - sigma)^2 factor.

@@ -5,7 +5,7 @@ every ``conf/**/*.yaml``: per file, its option name (``group=option``), its comm
 with its full override path (``mitigation.schedule.tau``), its default as written in the YAML and the key's comment.
 A new YAML appears on the next build, with nothing to edit. Run on its own it prints the page:
 
-    python scripts/docs_hooks.py > configuration.md
+    python scripts/docs/hooks.py > configuration.md
 
 The YAML is read line by line (PyYAML drops comments); tests/test_docs.py checks that the rows name every leaf
 key ``yaml.safe_load`` finds, so a YAML construct this reader does not follow fails there rather than going missing.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = "configuration.md"
 KEY = re.compile(r"^(?P<indent> *)(?P<key>[^\s#:'\"][^:#]*?|'[^']*'|\"[^\"]*\"):(?:\s+(?P<rest>.*))?$")
 ITEM = re.compile(r"^(?P<indent> *)- (?P<rest>.*)$")
@@ -201,7 +201,7 @@ def render(conf: Path = ROOT / "conf") -> str:
         "# Configuration reference",
         "",
         "Every key of every config under `conf/`, with its default as the YAML writes it and the YAML's own comments.",
-        "This page is generated from the configs at each build (`scripts/docs_hooks.py`, an mkdocs hook), so it is",
+        "This page is generated from the configs at each build (`scripts/docs/hooks.py`, an mkdocs hook), so it is",
         "what memguard runs with. Override any key on the command line (`memguard run key=value`), choose an option",
         "of a group with `group=option` (`mitigation=stp`), and see the composed config of a command with",
         "`memguard run --cfg job` (Hydra). `${...}` is an interpolation, resolved when the config is composed;",

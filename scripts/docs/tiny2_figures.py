@@ -1,11 +1,11 @@
-"""Figures of docs/tiny2.md from a probe's run folders (scripts/tiny_probe.py --scenario tiny2 --tag TAG).
+"""Figures of docs/tiny2.md from a probe's run folders (scripts/probes/tiny_probe.py --scenario tiny2 --tag TAG).
 
 Writes docs/tiny2/d_curves_TAG.png (mean zero-guidance d_t per step and caption group, log scale) and
 docs/tiny2/grid_TAG.png (top row: the duplicated training images, each above its caption's columns; then CFG,
 DTP and zero guidance for four seeds (--seeds, default 100-103); columns: the 4 trigger captions, one shared, two
 unique).
 
-Usage: python scripts/tiny2_figures.py --tag t1 [--data outputs/data/tiny2] [--seeds 100:104]
+Usage: python scripts/docs/tiny2_figures.py --tag t1 [--data outputs/data/tiny2] [--seeds 100:104]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def d_curves(runs: Path, out: Path) -> None:

@@ -1,5 +1,6 @@
-"""Sharding throughput: `memguard run` as one process vs two processes (accelerate launch, one shard each),
-measured side by side in one run on the tiny scenario (CPU, one thread per process).
+"""Sharding throughput: `memguard run` as one process vs two (accelerate launch, one shard each), side by side.
+
+Measured in one run on the tiny scenario (CPU, one thread per process).
 
 Each timed command is the whole `memguard run` (start-up, model loading, sampling, PNGs, tables and figures;
 evaluation off), in a fresh run folder; the two are alternated over rounds and the median is reported, with
@@ -7,8 +8,8 @@ the ratio one process / two processes (the speed-up). The tiny dataset is writte
 shared machine the speed-up is bounded by the cores other work leaves free: before and after the runs the
 script measures that bound, the throughput of two concurrent single-threaded matrix-product loops over one.
 
-    python scripts/bench_shards.py                       # 14 prompts x 16 seeds, 50 steps
-    python scripts/bench_shards.py --images-per-prompt 4 --rounds 3
+    python scripts/bench/shards.py                       # 14 prompts x 16 seeds, 50 steps
+    python scripts/bench/shards.py --images-per-prompt 4 --rounds 3
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ are read from a cache file as memguard.metrics.fid.fid_of_files writes it, the g
 added in batches, and torchmetrics computes the distance (2048-d, Inception's size). Each step is timed
 separately, median over rounds.
 
-    python scripts/bench_similarity.py                  # 10k x 10k, 1024-d SSCD (sscd_disc_large), 2048-d FID
-    python scripts/bench_similarity.py --threads 2
+    python scripts/bench/similarity.py                  # 10k x 10k, 1024-d SSCD (sscd_disc_large), 2048-d FID
+    python scripts/bench/similarity.py --threads 2
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ diffusers). Each timed call generates a whole batch: text encoding, sampling, VA
 interleaved round by round (the order rotates) and the median over rounds is reported; UNet evaluations are
 counted by a hook on the UNet (samples per call, summed), so both pipelines are counted alike.
 
-    python scripts/bench_sampling.py                         # tiny random components on the CPU, 50 steps
-    python scripts/bench_sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
-    python scripts/bench_sampling.py --family sdxl           # another family's tiny random model vs its pipeline
-    python scripts/bench_sampling.py --mitigations han,sail --rounds 3   # only these mitigations beside none
+    python scripts/bench/sampling.py                         # tiny random components on the CPU, 50 steps
+    python scripts/bench/sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
+    python scripts/bench/sampling.py --family sdxl           # another family's tiny random model vs its pipeline
+    python scripts/bench/sampling.py --mitigations han,sail --rounds 3   # only these mitigations beside none
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import memguard  # noqa: F401  (import order: makes the torch stack importable)
 from memguard.components import random_components, sd15_sized_random_components
 from memguard.families import Family, as_family, random_family
 from memguard.guidance import Constant, DynamicTransition, GuidanceSchedule, StaticTransition
-from memguard.baselines import Baselines
+from memguard.mitigations import Baselines
 from memguard.sampling import generate_images
 
 MITIGATIONS = "han,han_per_sample,sail,prss,wen_l1_per_image,rand_word,ren"  # by their YAMLs (--mitigations)

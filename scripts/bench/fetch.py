@@ -7,8 +7,8 @@ scenario=webster500 sources.references.kind=url_list fetch.only=[references]`` i
 folders: the default settings (``fetch.workers``, ``fetch.per_host`` of conf/config.yaml), then
 ``fetch.workers=1``: one URL at a time, interleaved over rounds. Printed: the median times and their ratio.
 
-    python scripts/bench_fetch.py                 # 200 URLs, 50 ms a request, 20 hosts
-    python scripts/bench_fetch.py --urls 500 --delay 0.1
+    python scripts/bench/fetch.py                 # 200 URLs, 50 ms a request, 20 hosts
+    python scripts/bench/fetch.py --urls 500 --delay 0.1
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def png(seed: int) -> bytes:

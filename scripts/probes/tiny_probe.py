@@ -11,7 +11,7 @@ outputs/runs/probe/<tag>/<mitigation>, then prints and writes outputs/runs/probe
 - copy fraction, alignment and FID-like under none and dtp, per group;
 - the issue's success criteria, each true or false.
 
-Usage: python scripts/tiny_probe.py --tag a --model outputs/train/tiny_ft/model [--scenario tiny_ft]
+Usage: python scripts/probes/tiny_probe.py --tag a --model outputs/train/tiny_ft/model [--scenario tiny_ft]
        [--seeds 100:116] [--taus 800,600,400,200] [--extra key=value ...]
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def memguard_run(*overrides: str) -> None:

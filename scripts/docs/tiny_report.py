@@ -7,7 +7,7 @@ Reads the run folders that `make tiny-report` makes (outputs/runs/tiny/<mitigati
     docs/tiny/grid.png             the trigger captions under each mitigation (rows) and seeds (columns)
 
 and replaces docs/tiny.md's text between "<!-- tiny-report:start -->" and "<!-- tiny-report:end -->" with the
-table (from `memguard tables`) and links to the figures. Usage: python scripts/tiny_report.py [--output-dir outputs]
+table (from `memguard tables`) and links to the figures. Usage: python scripts/docs/tiny_report.py [--output-dir outputs]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 
 from memguard.tables import display, tiny_table, to_markdown
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRID_ROWS = ("none", "stp_t300", "stp_t500", "dtp", "og_dtp", "uncond")
 START, END = "<!-- tiny-report:start -->", "<!-- tiny-report:end -->"
 
