@@ -70,6 +70,9 @@ MODEL_ARG = $(if $(FINETUNED_$*),model.path=$(OUTPUT_DIR)/finetune/$(FINETUNED_$
 # overrides for every memguard command of a table: ARGS for all five, ARGS_1 ... ARGS_5 for one (a mirror's
 # sources.<input>.url, paths.*, a smoke test's sampler.steps=2 images_per_prompt=1)
 ARGS ?=
+# the rows to run, where not all of a table's (its experiment's sweep): ROWS=none,stp for every table, ROWS_1 ...
+# ROWS_5 for one (a smoke test; the tables then hold those rows only)
+ROWS_ARG = $(if $(or $(ROWS_$*),$(ROWS)),mitigation=$(or $(ROWS_$*),$(ROWS)))
 
 fetch: $(MG)  ## fetch every input of all five tables (what is missing only; HF_HUB_OFFLINE=0 for this step)
 	@status=0; for n in 1 2 3 4 5; do $(MAKE) --no-print-directory fetch-table$$n || status=2; done; exit $$status
@@ -80,7 +83,7 @@ fetch-table%: $(MG)
 table1 table2 table3 table4 table5: table%: $(MG)  ## one paper table: fetch its inputs, (fine-tune,) run its grid (GPU), evaluate, tabulate
 	$(FETCH) experiment=table$* $(MODEL_ARG) $(ARGS) $(ARGS_$*)
 	$(if $(FINETUNED_$*),test -d $(OUTPUT_DIR)/finetune/$(FINETUNED_$*) || $(MG) finetune experiment=table$* finetune.settings.steps=$(FINETUNE_STEPS_$*) $(ARGS) $(ARGS_$*))
-	$(MG) run -m experiment=table$* $(MODEL_ARG) $(ARGS) $(ARGS_$*)
+	$(MG) run -m experiment=table$* $(MODEL_ARG) $(ROWS_ARG) $(ARGS) $(ARGS_$*)
 	$(MG) tables --output-dir $(OUTPUT_DIR)
 
 reproduce: table1 table2 table3 table4 table5  ## all five paper tables
