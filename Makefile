@@ -40,7 +40,8 @@ CAPABILITIES := default $(if $(filter avx2,$(CPU_FLAGS)),avx2) \
 # newer mitigations checked against references written from their authors' code)
 NUMERIC_TESTS := tests/test_sampling.py tests/test_families.py tests/test_baselines.py tests/test_guidance.py \
 	tests/test_similarity.py tests/test_metrics.py tests/test_fid_streaming.py tests/test_detection.py \
-	tests/test_han.py tests/test_sail.py tests/test_prss.py
+	tests/test_han.py tests/test_sail.py tests/test_prss.py tests/test_guard.py tests/test_authors_dtype.py \
+	tests/test_nemo_reference.py
 
 test-cpus: $(MG) $(RANDOM_MODEL)  ## the test suite under each CPU capability this CPU has (default, avx2, avx512) in turn
 	@for cap in $(CAPABILITIES); do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
