@@ -161,6 +161,31 @@ class DenoiserHook:
         raise NotImplementedError
 
 
+def attention_logits(attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None,
+                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """diffusers' plain attention (``AttnProcessor``) up to its softmax, for a :class:`DenoiserHook` that edits
+    the logits: ``(logits, value)``, the logits ``(B, heads, Q, K)`` in ``dtype`` (default: the query's dtype
+    promoted to at least float32) and the values ``(B heads, K, d)``. :func:`attention_output` finishes it."""
+    batch = hidden_states.shape[0]
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if attn.norm_cross and encoder_hidden_states is not None:
+        context = attn.norm_encoder_hidden_states(context)
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+    dtype = dtype or torch.promote_types(query.dtype, torch.float32)
+    logits = query.to(dtype) @ key.to(dtype).transpose(1, 2) * attn.scale
+    return logits.view(batch, attn.heads, query.shape[1], -1), value
+
+
+def attention_output(attn: Any, logits: Tensor, value: Tensor) -> Tensor:
+    """The rest of diffusers' plain attention after :func:`attention_logits`: the softmax over the keys, the
+    values' weighted sum and the output projection."""
+    batch, heads, queries, keys = logits.shape
+    probs = logits.softmax(dim=-1).view(batch * heads, queries, keys).to(value.dtype)
+    out = attn.batch_to_head_dim(probs @ value)
+    return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
 def select_rows(conditions: Conditions, index: Tensor | slice) -> Conditions:
     """The conditions of some samples of a batch: each tensor indexed by ``index`` (a mask, indices, or a slice,
     e.g. ``slice(i, i + 1)`` for sample ``i`` alone)."""

@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from memguard.errors import UserError
-from memguard.mitigations import Branches, Conditions, DenoiserHook, Family, Info
+from memguard.mitigations import (Branches, Conditions, DenoiserHook, Family, Info, attention_logits,
+                                  attention_output)
 
 log = logging.getLogger(__name__)
 
@@ -132,23 +133,14 @@ class _SpikeProcessor:
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
-        batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        wide = torch.promote_types(query.dtype, torch.float32)
-        logits = (query.to(wide) @ key.to(wide).transpose(1, 2) * attn.scale).view(batch, attn.heads,
-                                                                                   query.shape[1], -1)
+        logits, value = attention_logits(attn, hidden_states, encoder_hidden_states)
+        batch, keys = logits.shape[0], logits.shape[-1]
         rows = slice(batch - batch // self.branches, batch)
         logits[rows] = attenuate_spikes(logits[rows], self.scale, self.threshold)
         if attention_mask is not None:  # after the edit, as theirs (l. 904-905); diffusers' (B heads, 1, K) bias
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
-            logits = logits + mask.view(batch, attn.heads, -1, key.shape[1]).to(wide)
-        probs = logits.softmax(dim=-1).view(batch * attn.heads, query.shape[1], -1).to(value.dtype)
-        out = attn.batch_to_head_dim(probs @ value)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+            mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            logits = logits + mask.view(batch, attn.heads, -1, keys).to(logits.dtype)
+        return attention_output(attn, logits, value)
 
 
 def attenuate_spikes(logits: Tensor, scale: float, threshold: float) -> Tensor:

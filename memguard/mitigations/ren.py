@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import Tensor
 
-from memguard.mitigations import DenoiserHook
+from memguard.mitigations import DenoiserHook, attention_logits, attention_output
 
 
 class RenAttention(DenoiserHook):
@@ -77,20 +77,12 @@ class _RenProcessor:
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
-        batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        heads = attn.heads
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key, value = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        logits = (query.float() @ key.float().transpose(1, 2) * attn.scale).view(batch, heads, query.shape[1], -1)
+        logits, value = attention_logits(attn, hidden_states, encoder_hidden_states, torch.float32)
+        batch = logits.shape[0]
         cond = slice(batch // 2, batch)
         logits[cond, ..., 0] *= self.c1
         if self.both:
             logits = logits.masked_fill(~self.keep.repeat(2, 1)[:, None, None, :], float("-inf"))
         else:
             logits[cond] = logits[cond].masked_fill(~self.keep[:, None, None, :], float("-inf"))
-        probs = logits.softmax(dim=-1).view(batch * heads, query.shape[1], -1).to(value.dtype)
-        out = attn.batch_to_head_dim(probs @ value)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+        return attention_output(attn, logits, value)
