@@ -41,9 +41,11 @@ from memguard.errors import UserError
 FILLS = {"model": "model.path", "base_model": "finetune.base_model", "prompts_file": "prompts_file",
          "control_prompts_file": "control_prompts_file", "prompt_join": "prompt_join.file", "references": "references", "similarity": "metrics.similarity.path",
          "alignment": "metrics.alignment.path", "fid": "metrics.fid.path",
-         "nemo_statistics": "nemo.statistics"}
+         "nemo_statistics": "nemo.statistics", "aesthetic": "metrics.aesthetic.path",
+         "aesthetic_clip": "metrics.aesthetic.clip_path", "diversity": "metrics.diversity.path",
+         "dino": "metrics.dino.path"}
 ORDER = ("model", "base_model", "prompts_file", "control_prompts_file", "prompt_join", "references", "similarity", "alignment", "fid",
-         "nemo_statistics")
+         "aesthetic", "aesthetic_clip", "diversity", "dino", "nemo_statistics")
 KINDS = ("hub", "url", "gdrive", "url_list", "assembled", "derived", "manual", "made")
 SIZE_UNITS = {"kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
