@@ -57,13 +57,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from memguard.errors import UserError, instantiate_checked
+from memguard.metrics.agreement import agreement
 from memguard.metrics.bootstrap import Above, Percentile, describe, intervals, with_intervals
 from memguard.metrics.detection import detection_stage_result
 from memguard.metrics.fid import fid_of_files
 from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
 from memguard.metrics.similarity import embed_files, nearest_references, summarize
 from memguard.runs.folder import atomic_write_text, update_metrics
-from memguard.runs.report import write_grid, write_report
+from memguard.runs.report import write_agreement, write_grid, write_report
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -364,6 +365,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
+    if "similarity" in results and "dino" in results:  # two copy detectors: where they disagree
+        results["agreement"] = agreement(generations, results["similarity"]["copy_threshold"]
+                                         if results["similarity"]["copy_threshold"] is not None
+                                         else results["similarity"]["threshold"], results["dino"]["threshold"])
     if any(k in results for k in ("similarity", "alignment", "aesthetic", "diversity", "dino")):
         results["bootstrap"] = describe()  # how their _lo / _hi intervals were computed
     atomic_write_text(table, generations.to_csv(index=False))  # readers never see half a table
@@ -372,5 +377,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results["cost"] = cost
     metrics = update_metrics(run_dir, results)
     write_grid(run_dir)  # now with the nearest references and copies outlined
+    write_agreement(run_dir)
     write_report(run_dir)
     return metrics

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -161,3 +163,29 @@ def test_report_and_tables_show_the_extra_metrics_per_group(evaluated: Path) -> 
         assert table[column].notna().all() and (table[f"{column}_lo"] <= table[column]).all(), column
     shown = (evaluated.parents[2] / "tables" / "tiny.md").read_text()
     assert "| Aesthetic |" in shown.replace("Aesthetic | LPIPS", "Aesthetic |") and "LPIPS diversity" in shown
+
+
+@pytest.mark.parametrize("dino_threshold", [-1.0, 2.0])  # DINO calls every image a copy; none
+def test_report_shows_the_images_the_copy_detectors_disagree_on(evaluated: Path, tmp_path: Path,
+                                                                tiny_model_dir: Path, weights: dict[str, Path],
+                                                                dino_threshold: float) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated, run_dir)
+    root = evaluated.parents[3]
+    overrides = [f"prompts_file={root / 'prompts.jsonl'}", "prompts=null", "images_per_prompt=3",
+                 f"control_prompts_file={root / 'controls.txt'}", "metrics=pixel", f"references={root / 'refs'}",
+                 f"paths.cache_dir={root / 'cache'}", *extra_metric_overrides(weights),
+                 f"metrics.dino.threshold={dino_threshold}"]
+    metrics = evaluate(config(tiny_model_dir, run_dir, *overrides))
+    gens = pd.read_csv(run_dir / "generations.csv")
+    sscd_copy = gens.similarity > metrics["similarity"]["threshold"]
+    assert 0 < sscd_copy.sum() < len(gens)  # the exact copies and not the rest: the two verdicts can differ
+    disagree = gens[~sscd_copy] if dino_threshold < 0 else gens[sscd_copy]
+    section = metrics["agreement"]
+    assert section["images"] == len(gens) and section["kappa"] == pytest.approx(0, abs=1e-9)  # one detector constant: no agreement beyond chance
+    assert (section["dino_only"], section["sscd_only"]) == ((len(disagree), 0) if dino_threshold < 0 else (0, len(disagree)))
+    page = (run_dir / "report.html").read_text()
+    table = page.split("<h2 id='agreement'>")[1].split("<h2>")[0]
+    assert sorted(set(re.findall(r"src='(images/[^']+)'", table))) == sorted(disagree.file)
+    assert ("DINO: copy" if dino_threshold < 0 else "SSCD: copy") in table
+    assert (run_dir / "agreement.png").is_file() and "src='agreement.png'" in page
