@@ -4,8 +4,9 @@ A node names a ``kind`` and how to get it:
 
 - ``hub``: ``repo``, ``revision``, ``allow_patterns`` (optional ``variant``; ``file``: one file of the repository,
   saved under the destination's own name);
-- ``url``: ``url``, ``sha256`` (or ``sha256_prefix``), optional ``unpack: zip|tar`` and ``subfolder`` (the
-  archive's folder that becomes the destination);
+- ``url``: ``url``, ``sha256`` (or ``sha256_prefix``), optional ``unpack: zip|tar``, ``subfolder`` (the
+  archive's folder that becomes the destination) and ``members`` (glob patterns: only the members that match are
+  unpacked, e.g. one JSON file of COCO's annotation archive);
 - ``gdrive``: ``id`` (a file; ``folder: true`` for a Drive folder), then as ``url`` (``url``, when set, is fetched
   through the same Drive client instead: mirrors and tests);
 - ``url_list``: ``column`` of the prompt file holds each prompt's image URL (or a list of URLs); the images go to
