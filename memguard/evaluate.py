@@ -9,6 +9,12 @@
 - ``metrics.detection`` (:class:`~memguard.metrics.detection.Detection`): per image Wen et al.'s score and the
   shape of ``d_t``; with labels (prompt groups, or copies from the similarity stage) ROC-AUC, TPR at 1% FPR and
   ``roc.png``.
+- ``metrics.aesthetic``, ``metrics.diversity``, ``metrics.dino`` (metrics=paper_plus, ``+extra_metrics=...``):
+  per image the LAION aesthetic score (``aesthetic``); per prompt the mean LPIPS over its image pairs
+  (``diversity``, on each of its images' rows; aggregated over prompts); per image the DINOv2 similarity to the
+  nearest reference (``dino_similarity``, ``dino_nearest_reference``; aggregated as similarity, with
+  ``copy_fraction`` above ``metrics.dino.threshold``). With both copy scores, ``agreement`` counts where they
+  disagree (memguard.metrics.agreement) and the report shows those images.
 
 Every aggregate names the network that made it and, where the prompts carry groups (``generations.csv``'s
 ``group``: a prompt file's group column, ``group_labels``, ``prompts_group``, the control prompts' ``control_group``),

@@ -189,3 +189,51 @@ def test_report_shows_the_images_the_copy_detectors_disagree_on(evaluated: Path,
     assert sorted(set(re.findall(r"src='(images/[^']+)'", table))) == sorted(disagree.file)
     assert ("DINO: copy" if dino_threshold < 0 else "SSCD: copy") in table
     assert (run_dir / "agreement.png").is_file() and "src='agreement.png'" in page
+
+
+def test_check_names_each_missing_extra_weight_and_where_fetch_gets_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "weights" / "dinov2-base").mkdir(parents=True)
+    (tmp_path / "weights" / "dinov2-base" / "config.json").write_text("{}")
+    (tmp_path / "weights" / "dinov2-base" / "model.safetensors").write_bytes(b"not safetensors")
+    cfg = config(tiny_model_dir, tmp_path / "run", "metrics=paper_plus", f"paths.weights_dir={tmp_path / 'weights'}",
+                 f"references={tmp_path}")
+    problems = "\n".join(check_inputs(cfg).problems)
+    for key, what in (("metrics.aesthetic.path", "is not a file"), ("metrics.aesthetic.clip_path", "is not a file"),
+                      ("metrics.diversity.path", "is not a file"), ("metrics.dino.path", "cannot be opened")):
+        line = next((p for p in problems.splitlines() if f"{key}=" in p), "")
+        assert what in line and "memguard fetch" in line, (key, line)
+
+
+@pytest.mark.slow
+def test_fetch_gets_every_extra_weight_from_its_source(tmp_path: Path, weights: dict[str, Path],
+                                                      tiny_model_dir: Path) -> None:
+    """metrics=paper_plus's four sources served on 127.0.0.1: MemBench's real head under its pinned sha256, the
+    AlexNet file under a sha256 prefix, the CLIP file and the DINOv2 folder from a fake hub; then check passes."""
+    from tests.fetch_servers import hub_routes, serve, static
+    from tests.test_fetch import mg
+
+    clip_repo = tmp_path / "clip-repo"
+    clip_repo.mkdir()
+    shutil.copy(weights["aesthetic_clip"], clip_repo / "open_clip_pytorch_model.bin")
+    alexnet = weights["alexnet"].read_bytes()
+    routes = [*hub_routes("test/clip-l14", clip_repo), *hub_routes("test/dinov2", weights["dino"]),
+              ("/files/aesthetic.pth", static(AESTHETIC_HEAD.read_bytes())), ("/files/alexnet.pth", static(alexnet))]
+    with serve(routes) as server:
+        overrides = ["scenario=custom", "prompts=[a red circle]", f"model.path={tiny_model_dir}", "metrics=paper_plus",
+                     f"paths.weights_dir={tmp_path / 'weights'}", f"references={tmp_path}",
+                     "sources.similarity=null", "sources.alignment=null", "sources.fid=null",
+                     f"sources.aesthetic.url={server.url}/files/aesthetic.pth", "sources.aesthetic_clip.repo=test/clip-l14",
+                     f"sources.diversity.url={server.url}/files/alexnet.pth",
+                     f"sources.diversity.sha256_prefix={hashlib.sha256(alexnet).hexdigest()[:8]}",
+                     "sources.dino.repo=test/dinov2", "fetch.timeout=5", "fetch.retries=1"]
+        result = mg("fetch", *overrides, cwd=tmp_path, env={"HF_ENDPOINT": server.url})
+        assert result.returncode == 0, result.stdout + result.stderr
+    got = tmp_path / "weights"
+    assert (got / "sac+logos+ava1-l14-linearMSE.pth").read_bytes() == AESTHETIC_HEAD.read_bytes()
+    assert (got / "ViT-L-14-openai.bin").read_bytes() == weights["aesthetic_clip"].read_bytes()
+    assert (got / "alexnet-owt-7be5be79.pth").read_bytes() == alexnet
+    assert (got / "dinov2-base" / "config.json").is_file() and (got / "dinov2-base" / "model.safetensors").is_file()
+    cfg = config(tiny_model_dir, tmp_path / "run", "metrics=paper_plus", f"paths.weights_dir={got}",
+                 f"references={tmp_path}")
+    problems = check_inputs(cfg).problems
+    assert not [p for p in problems if any(k in p for k in ("aesthetic", "diversity", "dino"))], problems
