@@ -372,9 +372,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
     if "similarity" in results and "dino" in results:  # two copy detectors: where they disagree
-        results["agreement"] = agreement(generations, results["similarity"]["copy_threshold"]
-                                         if results["similarity"]["copy_threshold"] is not None
-                                         else results["similarity"]["threshold"], results["dino"]["threshold"])
+        sim, dino = results["similarity"], results["dino"]
+        results["agreement"] = agreement(generations, sim["embedder"], sim["copy_threshold"] if sim["copy_threshold"]
+                                         is not None else sim["threshold"], dino["embedder"], dino["threshold"])
     if any(k in results for k in ("similarity", "alignment", "aesthetic", "diversity", "dino")):
         results["bootstrap"] = describe()  # how their _lo / _hi intervals were computed
     atomic_write_text(table, generations.to_csv(index=False))  # readers never see half a table

@@ -82,12 +82,16 @@ def test_lpips_diversity_is_the_mean_over_pairs_of_torchmetrics_lpips(weights: d
         layer = getattr(getattr(reference.net, f"slice{s}"), str(conv))
         layer.weight.data, layer.bias.data = state[f"features.{conv}.weight"], state[f"features.{conv}.bias"]
     torch.manual_seed(1)
-    images = [torch.rand(3, 40, 48) * 2 - 1 for _ in range(3)]
+    images = [torch.rand(3, 64, 72) * 2 - 1 for _ in range(3)]
     with torch.no_grad():
         pairs = [float(reference(images[i][None], images[j][None])) for i, j in ((0, 1), (0, 2), (1, 2))]
     assert network.mean_pairwise(images) == pytest.approx(sum(pairs) / 3, rel=1e-5)
     assert network.mean_pairwise([images[0], images[0].clone()]) == pytest.approx(0, abs=1e-7)
     assert torch.isnan(torch.tensor(network.mean_pairwise(images[:1])))
+    small = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(2)]  # the tiny scenario's size: upsampled to 64 first
+    up = [torch.nn.functional.interpolate(x[None], size=[64, 64], mode="bilinear", align_corners=False)[0] for x in small]
+    with torch.no_grad():
+        assert network.mean_pairwise(small) == pytest.approx(float(reference(up[0][None], up[1][None])), rel=1e-5)
     torch.save({"features.0.weight": torch.zeros(1)}, weights["alexnet"].with_name("bad.pth"))
     with pytest.raises(UserError, match="is not torchvision's AlexNet"):
         LpipsDistance(weights["alexnet"].with_name("bad.pth"))
@@ -183,11 +187,12 @@ def test_report_shows_the_images_the_copy_detectors_disagree_on(evaluated: Path,
     disagree = gens[~sscd_copy] if dino_threshold < 0 else gens[sscd_copy]
     section = metrics["agreement"]
     assert section["images"] == len(gens) and section["kappa"] == pytest.approx(0, abs=1e-9)  # one detector constant: no agreement beyond chance
-    assert (section["dino_only"], section["sscd_only"]) == ((len(disagree), 0) if dino_threshold < 0 else (0, len(disagree)))
+    assert section["similarity_by"].startswith("pixel(") and section["dino_by"].startswith("dino[")
+    assert (section["dino_only"], section["similarity_only"]) == ((len(disagree), 0) if dino_threshold < 0 else (0, len(disagree)))
     page = (run_dir / "report.html").read_text()
     table = page.split("<h2 id='agreement'>")[1].split("<h2>")[0]
     assert sorted(set(re.findall(r"src='(images/[^']+)'", table))) == sorted(disagree.file)
-    assert ("DINO: copy" if dino_threshold < 0 else "SSCD: copy") in table
+    assert ("DINO: copy" if dino_threshold < 0 else "similarity: copy") in table
     assert (run_dir / "agreement.png").is_file() and "src='agreement.png'" in page
 
 

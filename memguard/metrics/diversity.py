@@ -15,6 +15,10 @@ The network is LPIPS v0.1 (Zhang et al.) as torchmetrics ships it (``torchmetric
 backbone is torchvision's ImageNet weights, read here from a local file (``alexnet-owt-7be5be79.pth``, the file
 torchvision downloads; only its ``features.*`` tensors are used). Each image's backbone features are computed
 once and every pair compared from them: the same value as calling the network on each pair.
+
+AlexNet cannot read images under about 63 px (its pooling leaves nothing): images whose shorter side is under
+``min_size`` (64) are first upsampled (bilinear, aspect kept) to it, memguard's addition for small models such as
+the tiny scenario's (32 px); Han et al.'s 512 px images are read as they are. The network's name says so.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class LpipsDistance:
 
     transform = staticmethod(to_signed_tensor)
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu",
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", min_size: int = 64,
                  key: str = "metrics.diversity.path") -> None:
         from torchmetrics.functional.image.lpips import _LPIPS
 
@@ -69,14 +73,20 @@ class LpipsDistance:
                             f"{ALEXNET_HELP}") from err
         self.device = resolve_device(device)
         self.net = self.net.to(self.device).eval()
-        self.name = f"lpips[alex v0.1, {file.name}]"
+        self.min_size = min_size
+        self.name = f"lpips[alex v0.1, {file.name}, images under {min_size} px upsampled]"
 
     @torch.no_grad()
     def features(self, image: Tensor) -> list[Tensor]:
         """The five unit-normalised feature maps of one ``(3, H, W)`` image in ``[-1, 1]``."""
         from torchmetrics.functional.image.lpips import _normalize_tensor
 
-        outs = self.net.net(self.net.scaling_layer(image[None].to(self.device)))
+        x = image[None].to(self.device)
+        if min(x.shape[-2:]) < self.min_size:
+            scale = self.min_size / min(x.shape[-2:])
+            size = [max(self.min_size, round(n * scale)) for n in x.shape[-2:]]
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        outs = self.net.net(self.net.scaling_layer(x))
         return [_normalize_tensor(o) for o in outs]
 
     @torch.no_grad()
