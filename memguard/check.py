@@ -9,7 +9,8 @@ run``, before the run folder is touched. It checks, without the network and with
   them), the seeds;
 - ``references`` (when the run evaluates against them): the folder, its image count, each prompt's own
   subfolder (``references_per_prompt``), files whose header PIL cannot read (``Image.open`` without decoding);
-- each metric's weights file (``metrics.<stage>.path``): present, and its archive opens;
+- each metric's weights (``metrics.<stage>.path`` and any other ``*_path`` of the stage): a file whose archive
+  opens, or a transformers folder (``config.json`` and a weights file that opens);
 - free disk under ``run_dir`` for the images still to make.
 
 Problems stop with one ``memguard: error:`` listing every one (each line: the key, what is wrong, the fix);
@@ -288,20 +289,28 @@ def _weights_help(target: str) -> str:
     return "see docs/evaluation.md (where each weights file comes from)"
 
 
+MODEL_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a transformers folder (metrics.dino.path)
+
+
 def check_weights(cfg: DictConfig, report: Report, stages: list[str]) -> None:
-    """Each metric stage's weights file: present, and its archive opens."""
+    """Each metric stage's weights (``path``, and any other ``*_path`` of its node, e.g. the aesthetic predictor's
+    ``clip_path``): a file whose archive opens, or a transformers folder (``config.json`` and a weights file)."""
     for stage in stages:
         node = cfg.metrics[stage]
-        if "path" not in node:
-            continue
-        key, path = f"metrics.{stage}.path", Path(str(node.path)).expanduser()
-        help_text = source(cfg, stage).removeprefix("; ") or _weights_help(str(node.get("_target_", "")))
-        if not path.is_file():
-            report.problems.append(f"{key}={str(node.path)!r} is not a file; {help_text}")
-        elif (problem := archive_problem(path)) is not None:
-            report.problems.append(f"{key}={str(node.path)!r} {problem}; {help_text}")
-        else:
-            report.notes.append(f"{key}: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+        for name in [k for k in node if (k == "path" or str(k).endswith("_path")) and node[k] is not None]:
+            key, path = f"metrics.{stage}.{name}", Path(str(node[name])).expanduser()
+            source_key = stage if name == "path" else f"{stage}_{name.removesuffix('_path')}"
+            help_text = source(cfg, source_key).removeprefix("; ") or _weights_help(str(node.get("_target_", "")))
+            file = next((path / f for f in MODEL_FOLDER_WEIGHTS if (path / f).is_file()), None) if path.is_dir() \
+                else path
+            if path.is_dir() and (file is None or not (path / "config.json").is_file()):
+                problem = f"is not a model folder (config.json and {' or '.join(MODEL_FOLDER_WEIGHTS)})"
+            else:
+                problem = "is not a file" if not file.is_file() else archive_problem(file)
+            if problem is not None:
+                report.problems.append(f"{key}={str(node[name])!r} {problem}; {help_text}")
+            else:
+                report.notes.append(f"{key}: {path} ({file.stat().st_size / 2**20:.0f} MiB)")
 
 
 def check_manifests(cfg: DictConfig, report: Report) -> None:

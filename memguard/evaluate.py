@@ -9,6 +9,12 @@
 - ``metrics.detection`` (:class:`~memguard.metrics.detection.Detection`): per image Wen et al.'s score and the
   shape of ``d_t``; with labels (prompt groups, or copies from the similarity stage) ROC-AUC, TPR at 1% FPR and
   ``roc.png``.
+- ``metrics.aesthetic``, ``metrics.diversity``, ``metrics.dino`` (metrics=paper_plus, ``+extra_metrics=...``):
+  per image the LAION aesthetic score (``aesthetic``); per prompt the mean LPIPS over its image pairs
+  (``diversity``, on each of its images' rows; aggregated over prompts); per image the DINOv2 similarity to the
+  nearest reference (``dino_similarity``, ``dino_nearest_reference``; aggregated as similarity, with
+  ``copy_fraction`` above ``metrics.dino.threshold``). With both copy scores, ``agreement`` counts where they
+  disagree (memguard.metrics.agreement) and the report shows those images.
 
 Every aggregate names the network that made it and, where the prompts carry groups (``generations.csv``'s
 ``group``: a prompt file's group column, ``group_labels``, ``prompts_group``, the control prompts' ``control_group``),
@@ -57,13 +63,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from memguard.errors import UserError, instantiate_checked
+from memguard.metrics.agreement import agreement
 from memguard.metrics.bootstrap import Above, Percentile, describe, intervals, with_intervals
 from memguard.metrics.detection import detection_stage_result
 from memguard.metrics.fid import fid_of_files
 from memguard.metrics.images import REMAKE_FIX, Unreadable, image_batches, transform_of
 from memguard.metrics.similarity import embed_files, nearest_references, summarize
 from memguard.runs.folder import atomic_write_text, update_metrics
-from memguard.runs.report import write_grid, write_report
+from memguard.runs.report import write_agreement, write_grid, write_report
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -139,11 +146,17 @@ def reference_groups(generations: pd.DataFrame, references: list[Path], root: Pa
     return [by_folder.get(str(k), []) for k in generations.reference_key]
 
 
-def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
-                     references: list[Path]) -> dict[str, Any]:
-    embedder = instantiate_checked(cfg.metrics.similarity, "metrics.similarity")
+def nearest_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path],
+                  stage: str = "similarity", column: str = "similarity", threshold: float | None = None,
+                  copy_threshold: float | None = None) -> dict[str, Any]:
+    """Per generation its nearest reference under the embedder ``metrics.<stage>`` (``column`` and
+    ``nearest_reference``, or ``<stage>_nearest_reference`` for another stage), and the
+    similarity aggregate, overall and per group."""
+    embedder = instantiate_checked(cfg.metrics[stage], f"metrics.{stage}")
+    threshold = cfg.metrics.threshold if threshold is None else threshold
+    nearest_column = "nearest_reference" if stage == "similarity" else f"{stage}_nearest_reference"
     root = Path(cfg.references).expanduser()
-    log.info("similarity with %s: %d generations vs %d references", embedder.name, len(generations), len(references))
+    log.info("%s with %s: %d generations vs %d references", stage, embedder.name, len(generations), len(references))
     generated = embed_files([run_dir / f for f in generations.file], embedder, num_workers=cfg.image_workers,
                             key=f"run_dir={str(run_dir)!r}", fix=REMAKE_FIX)
     skipped: list[Path] | None = [] if cfg.skip_unreadable else None
@@ -158,15 +171,15 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
     names = [""] * len(generations)
     for i, j in zip(kept, nearest.index.tolist()):
         names[i] = str(references[j].relative_to(root))
-    generations["similarity"] = similarity.numpy()
-    generations["nearest_reference"] = names
+    generations[column] = similarity.numpy()
+    generations[nearest_column] = names
     controls = control_rows(cfg, generations)
     without = sorted({str(k) for i, k in enumerate(generations.get("reference_key", []))
                       if groups and not groups[i] and not controls[i]})
     not_compared = int(generations.loc[controls, "prompt_idx"].nunique()) if groups and controls.any() else 0
     if without:
-        log.warning("%d prompt(s) have no reference images (references_per_prompt): left out of similarity: %s",
-                    len(without), ", ".join(without[:10]))
+        log.warning("%d prompt(s) have no reference images (references_per_prompt): left out of %s: %s",
+                    len(without), stage, ", ".join(without[:10]))
     coverage = None
     if groups is not None:  # each prompt against its own references: how many prompts have any (links decay)
         own = {str(k) for i, k in enumerate(generations.get("reference_key", [])) if not controls[i]}
@@ -174,23 +187,37 @@ def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
         log.info("references: %d of %d prompts have references", coverage["with"], coverage["of"])
 
     def summary(values: torch.Tensor, prompts: np.ndarray) -> dict[str, Any]:
-        return similarity_summary(values, prompts, cfg.metrics.threshold, cfg.metrics.copy_threshold)
+        return similarity_summary(values, prompts, threshold, copy_threshold)
 
     def group_summary(values: torch.Tensor, prompts: np.ndarray) -> dict[str, Any] | None:  # None: no references
         return summary(values, prompts) if (~torch.isnan(values)).any() else None
 
-    per_group = by_group(generations, "similarity", group_summary)
+    per_group = by_group(generations, column, group_summary)
     if per_group:
         per_group["groups"] = {g: v for g, v in per_group["groups"].items() if v is not None}
-    result = {"embedder": embedder.name, "threshold": cfg.metrics.threshold,
-              "copy_threshold": cfg.metrics.copy_threshold, "references": len(references),
+    result = {"embedder": embedder.name, "threshold": threshold,
+              "copy_threshold": copy_threshold, "references": len(references),
               **({"references_skipped": [str(f.relative_to(root)) for f in skipped]} if skipped else {}),
               **({"prompts_without_references": len(without), "reference_keys_missing": without} if without else {}),
               **({"controls_not_compared": not_compared} if not_compared else {}),
               **({"reference_coverage": coverage} if coverage else {}),
               **summary(similarity, prompt_ids(generations)), **per_group}
-    log.info("similarity p95 %.4f, mean %.4f +- %.4f", result["p95"], result["mean"], result["std"])
-    return {"similarity": result}
+    log.info("%s p95 %.4f, mean %.4f +- %.4f", stage, result["p95"], result["mean"], result["std"])
+    return {stage: result}
+
+
+def similarity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame,
+                     references: list[Path]) -> dict[str, Any]:
+    return nearest_stage(cfg, run_dir, generations, references, copy_threshold=cfg.metrics.copy_threshold)
+
+
+def dino_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
+    """DINOv2 similarity to the nearest reference (memguard.metrics.dino): a second copy score, with its own
+    threshold (``metrics.dino.threshold``) for its ``copy_fraction``."""
+    threshold = float(cfg.metrics.dino.get("threshold", 0.5))
+    out = nearest_stage(cfg, run_dir, generations, references, "dino", "dino_similarity", threshold, threshold)
+    out["dino"]["threshold_calibrated"] = bool(cfg.metrics.dino.get("calibrated", False))
+    return out
 
 
 def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path],
@@ -213,6 +240,46 @@ def alignment_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, r
               **by_group(generations, "alignment", alignment_summary)}
     log.info("alignment (%s) %.4f +- %.4f", scorer.name, result["mean"], result["std"])
     return {"alignment": result}
+
+
+def aesthetic_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
+    """Per image the LAION aesthetic score (memguard.metrics.aesthetic); aggregate mean, std, per group."""
+    scorer = instantiate_checked(cfg.metrics.aesthetic, "metrics.aesthetic")
+    scores = embed_files([run_dir / f for f in generations.file], scorer, num_workers=cfg.image_workers,
+                         key=f"run_dir={str(run_dir)!r}", fix=REMAKE_FIX)
+    generations["aesthetic"] = scores.numpy()
+    result = {"scorer": scorer.name, **alignment_summary(scores, prompt_ids(generations)),
+              **by_group(generations, "aesthetic", alignment_summary)}
+    log.info("aesthetic (%s) %.4f +- %.4f", scorer.name, result["mean"], result["std"])
+    return {"aesthetic": result}
+
+
+def diversity_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
+    """Per prompt the mean LPIPS over every pair of its images (memguard.metrics.diversity), written on each of
+    its images' rows; aggregate the mean over prompts (each prompt once), std, per group."""
+    network = instantiate_checked(cfg.metrics.diversity, "metrics.diversity")
+    values = pd.Series(np.nan, index=generations.index)
+    for _, rows in tqdm(generations.groupby(prompt_ids(generations), sort=False), desc="diversity",
+                        disable=not cfg.progress):
+        unreadable = Unreadable()
+        images = [t for _, batch in image_batches([run_dir / f for f in rows.file], network.transform,
+                                                  len(rows), 0, unreadable) for t in batch]
+        if unreadable.files:
+            raise unreadable.error(f"run_dir={str(run_dir)!r}", REMAKE_FIX)
+        values[rows.index] = network.mean_pairwise(images)
+    generations["diversity"] = values.to_numpy()
+    first = generations.drop_duplicates(subset="prompt_idx") if "prompt_idx" in generations else generations
+
+    def summary(x: torch.Tensor, prompts: np.ndarray) -> dict[str, Any]:
+        keep = ~torch.isnan(x)
+        return alignment_summary(x[keep], prompts[keep.numpy()]) if keep.any() else {"mean": None, "std": None}
+
+    result = {"network": network.name, "pairs": "every pair of a prompt's images, mean per prompt",
+              "prompts": int(first.diversity.notna().sum()),
+              **summary(torch.tensor(first.diversity.to_numpy()), prompt_ids(first)),
+              **by_group(first, "diversity", summary)}
+    log.info("diversity (%s) %s", network.name, result["mean"])
+    return {"diversity": result}
 
 
 def fid_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, references: list[Path]) -> dict[str, Any]:
@@ -259,14 +326,16 @@ def cost_section(cfg: DictConfig, generations: pd.DataFrame, results: dict[str, 
         return ((results.get(stage) or {}).get("groups") or {}).get(group, {}).get(key)
 
     out: dict[str, Any] = {"n_images": int(controls.sum())}
-    for stage, key, name in (("alignment", "mean", "alignment"), ("fid", "value", "fid")):
+    for stage, key, name in (("alignment", "mean", "alignment"), ("fid", "value", "fid"),
+                             ("aesthetic", "mean", "aesthetic"), ("diversity", "mean", "diversity")):
         if entry(stage, control, key) is not None:
             out[name] = entry(stage, control, key)
     memorized = {}
     for group in dict.fromkeys(generations.group[~controls].dropna().astype(str)):
         row = {"n_images": int((generations.group.astype(str) == group).sum())}
         for stage, key, name in (("similarity", "mean", "similarity_mean"), ("similarity", "p95", "similarity_p95"),
-                                 ("similarity", "copy_fraction", "copy_fraction"), ("alignment", "mean", "alignment")):
+                                 ("similarity", "copy_fraction", "copy_fraction"), ("alignment", "mean", "alignment"),
+                                 ("dino", "copy_fraction", "dino_copy_fraction")):
             if entry(stage, group, key) is not None:
                 row[name] = entry(stage, group, key)
         memorized[group] = row
@@ -275,7 +344,8 @@ def cost_section(cfg: DictConfig, generations: pd.DataFrame, results: dict[str, 
 
 # stage name (the ``metrics`` key that turns it on) -> (stage, whether it compares with the reference images)
 STAGES = {"similarity": (similarity_stage, True), "alignment": (alignment_stage, False), "fid": (fid_stage, True),
-          "detection": (detection_stage, False)}
+          "detection": (detection_stage, False), "aesthetic": (aesthetic_stage, False),
+          "diversity": (diversity_stage, False), "dino": (dino_stage, True)}
 
 
 def planned_stages(cfg: DictConfig) -> list[str]:
@@ -301,7 +371,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in names:
         results.update(STAGES[name][0](cfg, run_dir, generations, references))
-    if "similarity" in results or "alignment" in results:
+    if "similarity" in results and "dino" in results:  # two copy detectors: where they disagree
+        sim, dino = results["similarity"], results["dino"]
+        results["agreement"] = agreement(generations, sim["embedder"], sim["copy_threshold"] if sim["copy_threshold"]
+                                         is not None else sim["threshold"], dino["embedder"], dino["threshold"])
+    if any(k in results for k in ("similarity", "alignment", "aesthetic", "diversity", "dino")):
         results["bootstrap"] = describe()  # how their _lo / _hi intervals were computed
     atomic_write_text(table, generations.to_csv(index=False))  # readers never see half a table
     cost = cost_section(cfg, generations, results)
@@ -309,5 +383,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results["cost"] = cost
     metrics = update_metrics(run_dir, results)
     write_grid(run_dir)  # now with the nearest references and copies outlined
+    write_agreement(run_dir)
     write_report(run_dir)
     return metrics

@@ -156,7 +156,25 @@ def values(metrics: dict[str, Any], group: str | None = None, whole_run_fid: boo
     if fid is not None:
         _put(out, FID, fid, "value", interval="value_lo" in fid)
         out["fid by"] = f"{fid.get('kind')}: {fid.get('features')}"
+    for column, name, key in OPTIONAL_COLUMNS:
+        entry = section(metrics, name, group)
+        if entry is not None and (group is None or "groups" in (metrics.get(name) or {})):
+            _put(out, column, entry, key)
     return out
+
+
+# The optional columns (metrics=paper_plus, +extra_metrics=...): column, metrics.json section, key. A table shows
+# one only where a run has it.
+OPTIONAL_COLUMNS = (("DINO copy fraction", "dino", "copy_fraction"), ("DINO similarity (95pc)", "dino", "p95"),
+                    ("Aesthetic", "aesthetic", "mean"), ("LPIPS diversity", "diversity", "mean"))
+
+
+def optional_columns(records: list[dict[str, Any]], cells: list[dict[str, Any]]) -> None:
+    """Add each optional column (value, ``_lo``, ``_hi``) to ``records`` (one per ``cells``) where any has it."""
+    for column, _, _ in OPTIONAL_COLUMNS:
+        if any(c.get(column) is not None for c in cells):
+            for record, c in zip(records, cells):
+                record |= {k: c.get(k) for k in (column, f"{column}_lo", f"{column}_hi")}
 
 
 def _columns(column: str) -> list[str]:
@@ -169,11 +187,12 @@ def _columns(column: str) -> list[str]:
 def paper_table(table: Table, runs_dir: Path) -> pd.DataFrame:
     """One row per paper row (``Prompts`` = ``all``, the paper's value beside ours) and, where its run has prompt
     groups, one more row per group."""
-    records = []
+    records, cells = [], []
     for row in table.rows:
         metrics = read_metrics(runs_dir, table.scenario, row.mitigation)
         for group in [None, *(group_names(metrics) if metrics else [])]:
             ours = values(metrics, group, whole_run_fid=False) if metrics else {}
+            cells.append(ours)
             record: dict[str, Any] = {"Method": row.label, "Prompts": group or "all"}
             for column in table.columns:
                 for name in _columns(column):
@@ -183,6 +202,7 @@ def paper_table(table: Table, runs_dir: Path) -> pd.DataFrame:
             record["run"] = f"{table.scenario}/{row.mitigation}"
             record["command"] = "" if metrics else run_command(table.scenario, row)
             records.append(record)
+    optional_columns(records, cells)
     return pd.DataFrame(records)
 
 
@@ -209,19 +229,22 @@ def tiny_runs(runs_dir: Path, scenario: str = "tiny") -> list[str]:
 def tiny_table(runs_dir: Path, scenario: str = "tiny") -> pd.DataFrame:
     """One row per (mitigation, prompt group) of every tiny run present, the table's rows first, then any other.
     A group's row carries the run's FID-like distance (over all its images) where there is none per group."""
-    records = []
+    records, every = [], []
     for mitigation in tiny_runs(runs_dir, scenario):
         metrics = read_metrics(runs_dir, scenario, mitigation)
         transition = metrics.get("transition", {})
         for group in group_names(metrics) or [None]:
             cells = values(metrics, group)
+            every.append(cells)
             record = {"Mitigation": mitigation, "Captions": group or "all", "run": f"{scenario}/{mitigation}"}
             for column in TINY_COLUMNS[2:]:
                 base, suffix = (column[:-3], column[-3:]) if column.endswith(("_lo", "_hi")) else (column, "")
                 record[column] = (transition.get(f"never_fired_fraction{suffix}") if base == "never switched"
                                   else cells.get({"Alignment": CLIP, "FID-like": FID}.get(base, base) + suffix))
             records.append(record)
-    return pd.DataFrame(records, columns=[*TINY_COLUMNS, "run"])
+    optional_columns(records, every)
+    extra = [c for c in (records[0] if records else {}) if c not in TINY_COLUMNS and c != "run"]
+    return pd.DataFrame(records, columns=[*TINY_COLUMNS, *extra, "run"])
 
 
 def display(frame: pd.DataFrame) -> pd.DataFrame:

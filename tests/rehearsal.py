@@ -202,3 +202,40 @@ def paper_metric_overrides(files: dict[str, Path]) -> list[str]:
     return ["metrics=paper", "device=cpu", f"metrics.similarity.path={files['sscd']}",
             "metrics.alignment.model=mg-tiny-clip", f"metrics.alignment.path={files['clip']}",
             f"+metrics.alignment.model_config={files['clip_config']}", f"metrics.fid.path={files['inception']}"]
+
+
+AESTHETIC_HEAD = Path(__file__).parent / "fixtures" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+# A tiny open_clip model whose image embedding has ViT-L/14's 768 dimensions, so that the real aesthetic head reads it.
+TINY_CLIP_768 = {**TINY_CLIP, "embed_dim": 768}
+
+
+def write_extra_metric_weights(folder: Path) -> dict[str, Path]:
+    """Stand-ins in the real formats for metrics=paper_plus's three extra metrics: ``aesthetic`` (the real MLP
+    head, MemBench's file), ``aesthetic_clip`` + ``aesthetic_clip_config`` (a tiny open_clip model, 768-d
+    embeddings), ``alexnet`` (a random torchvision AlexNet ``features.*`` state dict) and ``dino`` (a tiny
+    transformers DINOv2 folder, written with save_pretrained)."""
+    import open_clip
+    import torchvision
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    files = {"aesthetic": AESTHETIC_HEAD, "aesthetic_clip": folder / "tiny_clip_768.bin",
+             "aesthetic_clip_config": folder / "mg-tiny-clip-768.json", "alexnet": folder / "alexnet_random.pth",
+             "dino": folder / "dinov2-tiny"}
+    files["aesthetic_clip_config"].write_text(json.dumps(TINY_CLIP_768))
+    open_clip.add_model_config(files["aesthetic_clip_config"])
+    torch.save(open_clip.create_model("mg-tiny-clip-768").state_dict(), files["aesthetic_clip"])
+    features = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in features.items()}, files["alexnet"])
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=224, patch_size=14)).save_pretrained(files["dino"])
+    return files
+
+
+def extra_metric_overrides(files: dict[str, Path]) -> list[str]:
+    """``+extra_metrics=[aesthetic,diversity,dino]`` with the stand-ins of :func:`write_extra_metric_weights`."""
+    return ["+extra_metrics=[aesthetic,diversity,dino]", f"metrics.aesthetic.path={files['aesthetic']}",
+            "metrics.aesthetic.clip_model=mg-tiny-clip-768", f"metrics.aesthetic.clip_path={files['aesthetic_clip']}",
+            f"+metrics.aesthetic.model_config={files['aesthetic_clip_config']}",
+            f"metrics.diversity.path={files['alexnet']}", f"metrics.dino.path={files['dino']}"]

@@ -82,10 +82,18 @@ def test_config_dir_ships_with_the_package() -> None:
 
 
 def test_metrics_options_compose() -> None:
-    assert options("metrics") == ["detection", "none", "paper", "pixel", "sscd", "tiny", "tiny2"]
+    assert options("metrics") == ["detection", "none", "paper", "paper_plus", "pixel", "sscd", "tiny", "tiny2"]
+    extra = {"aesthetic", "diversity", "dino"}
     for option in options("metrics"):  # every option sets every stage key (null where it has no such metric)
         metrics = compose_config([f"metrics={option}"]).metrics
-        assert set(metrics) == {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid", "detection"}
+        base = {"name", "similarity", "threshold", "copy_threshold", "alignment", "fid", "detection"}
+        assert set(metrics) == (base | extra if option == "paper_plus" else base), option
+    assert options("extra_metrics") == sorted(extra)
+    plus = compose_config(["metrics=paper_plus"])
+    assert plus.metrics.name == "paper_plus" and plus.metrics.similarity == compose_config(["metrics=paper"]).metrics.similarity
+    assert {"aesthetic", "aesthetic_clip", "diversity", "dino"} <= set(plus.sources)
+    tiny = compose_config(["metrics=tiny", "+extra_metrics=[aesthetic,diversity,dino]"]).metrics  # any metrics, by keys
+    assert tiny.name == "tiny" and extra <= set(tiny) and tiny.dino.path == "weights/dinov2-base"
     embedder = instantiate(compose_config(["metrics=pixel", "metrics.similarity.pool=4"]).metrics.similarity)
     assert embedder.name == "pixel(size=32,pool=4)"
     cfg = compose_config(["metrics=paper", "device=cpu"])

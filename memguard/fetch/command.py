@@ -90,7 +90,8 @@ def missing(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | No
     elif kind == "url_list":
         return _missing_images(cfg, key, node, dest)
     elif kind in ("hub", "url", "gdrive", "derived", "manual", "made") and (node.get("unpack") or node.get("folder")
-                                                                 or target == "references"):
+                                                                 or target == "references"
+                                                                 or (kind == "hub" and not node.get("file"))):
         from memguard.evaluate import reference_files
 
         if not dest.is_dir() or not any(p.is_file() for p in dest.rglob("*")):

@@ -10,7 +10,12 @@ source. The makers read the authors' own layouts:
   ``prompt_draw`` draws from the same list as the authors);
 - ``captions_txt``: one caption per ``.txt`` file beside the images (Wen et al.'s memorized images, read by
   Jain et al.'s generate_test_dataset_dtp.py l. 144-153: ``glob("memorized_images/*.txt")``, sorted, each file's
-  text) into a JSONL file of ``{"caption", "file_name"}`` lines.
+  text) into a JSONL file of ``{"caption", "file_name"}`` lines;
+- ``coco_captions``: COCO's ``captions_val2017.json``, drawn as MemBench draws its general prompts
+  (chunsanHong/MemBench_code ``run_mitigation.py`` l. 90-92 at commit f22a0fd:
+  ``pd.DataFrame(json.load(f)['annotations']).drop_duplicates(subset='image_id')``: the first caption of each
+  image, in the file's order, 5000 captions for the 5000 validation images) into a JSONL file of
+  ``{"caption", "image_id", "id"}`` lines, the caption as written (their prompt, unstripped).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from memguard.errors import UserError
 from memguard.runs.folder import atomic_write_text
 
 IMAGES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-MAKERS = ("captions_json", "captions_txt")
+MAKERS = ("captions_json", "captions_txt", "coco_captions")
 
 
 def captions_json(folder: Path, out: Path) -> int:
@@ -85,6 +90,28 @@ def captions_txt(folder: Path, out: Path) -> int:
     return len(lines)
 
 
+def coco_captions(folder: Path, out: Path) -> int:
+    """COCO's ``captions_val2017.json`` under ``folder`` -> ``out`` (JSONL), the first caption per image id in the
+    file's order; the number of captions."""
+    found = sorted(folder.rglob("captions_val2017.json"))
+    if not found:
+        raise UserError(f"no captions_val2017.json under {folder} (COCO 2017's caption annotations); the fetched "
+                        "folder holds something else")
+    data = json.loads(found[0].read_text(encoding="utf-8"))
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list) or not all({"image_id", "id", "caption"} <= set(a) for a in annotations):
+        raise UserError(f"{found[0]} has no list of annotations with image_id, id and caption (COCO's caption layout)")
+    seen: set[int] = set()
+    lines = []
+    for a in annotations:
+        if a["image_id"] not in seen:
+            seen.add(a["image_id"])
+            lines.append(json.dumps({"caption": a["caption"], "image_id": a["image_id"], "id": a["id"]},
+                                    ensure_ascii=False))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return len(lines)
+
+
 def make(how: str | None, key: str, folder: Path, dest: Path) -> str:
     """Write ``dest`` from ``folder`` (what the ``from`` source fetched), or check that it is there; a line."""
     if how is None:
@@ -96,5 +123,5 @@ def make(how: str | None, key: str, folder: Path, dest: Path) -> str:
         raise UserError(f"sources.{key}.make={how!r} is not a maker; use one of {', '.join(MAKERS)} or null")
     if not folder.is_dir():
         raise UserError(f"sources.{key}: {folder}, which it is written from, is not there; fetch that source first")
-    n = (captions_json if how == "captions_json" else captions_txt)(folder, dest)
+    n = {"captions_json": captions_json, "captions_txt": captions_txt, "coco_captions": coco_captions}[how](folder, dest)
     return f"{key}: {n} caption(s) from {folder} -> {dest}"

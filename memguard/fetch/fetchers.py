@@ -54,7 +54,9 @@ def fetch_from(item: Any, node: DictConfig, s: dict[str, Any], url_list: Any = N
     at = where(node)
     record = {(key, origin(node)): {"sha256": digest, "fetched_at": manifest.now()}}
     if unpack:
-        files = http.unpack(target, unpack, node.get("subfolder"), item.dest, key)
+        members = node.get("members")
+        files = http.unpack(target, unpack, node.get("subfolder"), item.dest, key,
+                            None if members is None else [str(m) for m in members])
         target.unlink()
         old = [n for n in manifest.read(item.root)["files"] if n.startswith(item.dest.name + "/")]
         manifest.update(item.root, drop=old, files={f.relative_to(item.root).as_posix(): manifest.entry(f, at)

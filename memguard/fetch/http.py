@@ -154,10 +154,17 @@ def archive_kind(path: Path) -> str | None:
         return None
 
 
-def unpack(archive: Path, kind: str, subfolder: str | None, dest: Path, key: str) -> list[Path]:
+def unpack(archive: Path, kind: str, subfolder: str | None, dest: Path, key: str,
+           members: list[str] | None = None) -> list[Path]:
     """Unpack ``archive`` (zip or tar; auto: either, by its content) and move its ``subfolder`` (or the whole) to
-    ``dest``; the files written. Members whose names would leave the folder are refused before anything is written."""
+    ``dest``; the files written. Members whose names would leave the folder are refused before anything is written.
+    ``members`` (glob patterns of member paths, ``fnmatch``): only the members that match are unpacked."""
+    from fnmatch import fnmatch
+
     from memguard.fetch.sources import safe_join
+
+    def wanted(name: str) -> bool:
+        return members is None or any(fnmatch(name.rstrip("/"), pattern) for pattern in members)
 
     if kind == "auto":
         kind = archive_kind(archive)
@@ -173,14 +180,20 @@ def unpack(archive: Path, kind: str, subfolder: str | None, dest: Path, key: str
                 for name in z.namelist():
                     if name.strip("/"):
                         safe_join(staging, name.rstrip("/"), key)
-                z.extractall(staging)
+                names = [n for n in z.namelist() if wanted(n)]
+                if not names:
+                    raise UserError(f"sources.{key}.members={members} match no member of {archive.name}")
+                z.extractall(staging, members=names)
         else:
             with tarfile.open(archive) as t:
                 for member in t.getmembers():
                     safe_join(staging, member.name, key)
                     if member.issym() or member.islnk():
                         raise UserError(f"sources.{key}: the archive holds a link ({member.name}); refused")
-                t.extractall(staging, filter="data")
+                chosen = [m for m in t.getmembers() if wanted(m.name)]
+                if not chosen:
+                    raise UserError(f"sources.{key}.members={members} match no member of {archive.name}")
+                t.extractall(staging, members=chosen, filter="data")
         root = staging
         if subfolder:
             root = safe_join(staging, subfolder, key)

@@ -4,8 +4,9 @@ A node names a ``kind`` and how to get it:
 
 - ``hub``: ``repo``, ``revision``, ``allow_patterns`` (optional ``variant``; ``file``: one file of the repository,
   saved under the destination's own name);
-- ``url``: ``url``, ``sha256`` (or ``sha256_prefix``), optional ``unpack: zip|tar`` and ``subfolder`` (the
-  archive's folder that becomes the destination);
+- ``url``: ``url``, ``sha256`` (or ``sha256_prefix``), optional ``unpack: zip|tar``, ``subfolder`` (the
+  archive's folder that becomes the destination) and ``members`` (glob patterns: only the members that match are
+  unpacked, e.g. one JSON file of COCO's annotation archive);
 - ``gdrive``: ``id`` (a file; ``folder: true`` for a Drive folder), then as ``url`` (``url``, when set, is fetched
   through the same Drive client instead: mirrors and tests);
 - ``url_list``: ``column`` of the prompt file holds each prompt's image URL (or a list of URLs); the images go to
@@ -41,9 +42,11 @@ from memguard.errors import UserError
 FILLS = {"model": "model.path", "base_model": "finetune.base_model", "prompts_file": "prompts_file",
          "control_prompts_file": "control_prompts_file", "prompt_join": "prompt_join.file", "references": "references", "similarity": "metrics.similarity.path",
          "alignment": "metrics.alignment.path", "fid": "metrics.fid.path",
-         "nemo_statistics": "nemo.statistics"}
+         "nemo_statistics": "nemo.statistics", "aesthetic": "metrics.aesthetic.path",
+         "aesthetic_clip": "metrics.aesthetic.clip_path", "diversity": "metrics.diversity.path",
+         "dino": "metrics.dino.path"}
 ORDER = ("model", "base_model", "prompts_file", "control_prompts_file", "prompt_join", "references", "similarity", "alignment", "fid",
-         "nemo_statistics")
+         "aesthetic", "aesthetic_clip", "diversity", "dino", "nemo_statistics")
 KINDS = ("hub", "url", "gdrive", "url_list", "assembled", "derived", "manual", "made")
 SIZE_UNITS = {"kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 

@@ -30,6 +30,8 @@ FIGURES = (
     ("d_curves.png", "d_t = ||eps_c - eps_u||^2 and the guidance scale s per step, every image; |: transition"),
     ("norms.png", "Mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per timestep and group (the paper's Figures 3, 9, 10, 12)"),
     ("roc.png", "Memorization detection from the trajectory: ROC curves"),
+    ("agreement.png", "Where the copy detectors disagree: each image one calls a copy and the other not, beside the "
+                      "similarity embedder's and DINO's nearest references, with both scores"),
     ("basin.png", "Attraction basin strips"),
 )
 
@@ -107,6 +109,78 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
     return path
 
 
+def disagreements(run_dir: Path) -> pd.DataFrame | None:
+    """The images the similarity embedder (SSCD) calls a copy and DINO not, or the reverse
+    (memguard.metrics.agreement), most confident first; None where the run has not both scores."""
+    from memguard.metrics.agreement import verdicts
+
+    metrics_file, gens_file = run_dir / "metrics.json", run_dir / "generations.csv"
+    if not metrics_file.is_file() or not gens_file.is_file():
+        return None
+    section = json.loads(metrics_file.read_text()).get("agreement")
+    gens = pd.read_csv(gens_file)
+    if not section or "dino_similarity" not in gens or "similarity" not in gens:
+        return None
+    v = verdicts(gens, section["similarity_threshold"], section["dino_threshold"])
+    v = v[v.disagree].assign(margin=lambda f: (f.similarity - section["similarity_threshold"]).abs()
+                             + (f.dino_similarity - section["dino_threshold"]).abs())
+    return v.sort_values("margin", ascending=False)
+
+
+def write_agreement(run_dir: Path, max_rows: int = 8) -> Path | None:
+    """``agreement.png``: per disagreeing image (at most ``max_rows``) the image, the similarity embedder's
+    nearest reference and DINO's, with both scores and verdicts; removed (None) where they agree on every image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "agreement.png"
+    rows = disagreements(run_dir)
+    root = _reference_root(run_dir)
+    if rows is None or rows.empty:
+        path.unlink(missing_ok=True)
+        return None
+    rows = rows.head(max_rows)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.1 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows.itertuples()):
+        cells = [(run_dir / row.file, f"#{row.prompt_idx} seed {row.seed}\n"
+                  f"{'similarity says copy' if row.similarity_copy else 'DINO says copy'}"),
+                 (root / str(row.nearest_reference) if root else None, f"similarity nearest\n{row.similarity:.3f}"),
+                 (root / str(row.dino_nearest_reference) if root else None, f"DINO nearest\n{row.dino_similarity:.3f}")]
+        for ax, (file, title) in zip(axes[r], cells):
+            if file is not None and file.is_file():
+                ax.imshow(Image.open(file).convert("RGB"), interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def agreement_html(metrics: dict[str, Any], run_dir: Path) -> str:
+    """The agreement counts and the table of the images the detectors disagree on (thumbnails), or nothing."""
+    section = metrics.get("agreement")
+    rows = disagreements(run_dir)
+    if not section or rows is None:
+        return ""
+    kappa = section.get("kappa")
+    text = (f"similarity by {section.get('similarity_by')} (copy: > {section['similarity_threshold']:g}) and "
+            f"{section.get('dino_by')} (copy: > {section['dino_threshold']:g}) on {section['images']} images: both copy "
+            f"{section['both_copy']}, similarity only {section['similarity_only']}, DINO only {section['dino_only']}, "
+            f"neither {section['neither']}; Cohen's kappa {'n/a' if kappa is None else f'{kappa:.2f}'}.")
+    parts = ["<h2 id='agreement'>Copy detectors</h2>", f"<p class='note'>{html.escape(text)}</p>"]
+    if not rows.empty:
+        shown = rows.assign(image=rows.file, says=rows.similarity_copy.map({True: "similarity: copy",
+                                                                            False: "DINO: copy"}))
+        columns = ["image", "says", "prompt_idx", "seed", "prompt", "similarity", "nearest_reference",
+                   "dino_similarity", "dino_nearest_reference"]
+        parts.append(_table(shown[[c for c in columns if c in shown]], {"image": ""}))
+    return "\n".join(parts)
+
+
 def _metrics_rows(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         return [row for k, v in value.items() for row in _metrics_rows(v, f"{prefix}{k}.")]
@@ -177,7 +251,10 @@ def write_report(run_dir: Path) -> Path:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     gens_file = run_dir / "generations.csv"
     gens = pd.read_csv(gens_file) if gens_file.is_file() else None
-    parts = ["<h2 id='summary'>Summary</h2>", summary_html(metrics, gens), "<h2>Figures</h2>"]
+    parts = ["<h2 id='summary'>Summary</h2>", summary_html(metrics, gens)]
+    agreement = agreement_html(metrics, run_dir)
+    parts += [agreement] if agreement else []
+    parts.append("<h2>Figures</h2>")
     for name, caption in FIGURES:
         if (run_dir / name).is_file():
             parts.append(f"<figure><a href='{name}'><img src='{name}' alt='{name}'></a>"

@@ -12,7 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 # The sections of metrics.json the summaries name, and the key holding the network that made them.
-NETWORK_KEYS = {"similarity": "embedder", "alignment": "scorer", "fid": "features"}
+NETWORK_KEYS = {"similarity": "embedder", "alignment": "scorer", "fid": "features", "dino": "embedder",
+                "aesthetic": "scorer", "diversity": "network"}
+# The optional sections (metrics=paper_plus): section -> (its headline column, the key it shows)
+OPTIONAL = {"dino": ("DINO copy fraction", "copy_fraction"), "aesthetic": ("aesthetic", "mean"),
+            "diversity": ("LPIPS diversity", "mean")}
 
 
 def _number(x: Any) -> float | None:
@@ -90,6 +94,12 @@ def networks(metrics: Mapping[str, Any]) -> dict[str, str]:
         out["alignment"] = align["scorer"]
     if fid.get("features"):
         out["fid"] = f"{fid.get('kind', 'fid')} of {fid['features']}"
+    for name in OPTIONAL:
+        entry = metrics.get(name) or {}
+        if entry.get(NETWORK_KEYS[name]):
+            out[name] = entry[NETWORK_KEYS[name]] + (f" (copy: similarity > {entry['threshold']:g}"
+                                                     + ("" if entry.get("threshold_calibrated") else ", not calibrated")
+                                                     + ")" if name == "dino" and entry.get("threshold") is not None else "")
     return out
 
 
@@ -121,7 +131,7 @@ def run_summary(metrics: Mapping[str, Any], counts: Mapping[str, tuple[int, int]
     where the stage gave it per group), the rows' prompts and images (``counts``: group -> (prompts, images)), and
     every number of any other section's per-group entries (``<section>.groups.<g>``), with its interval."""
     rows = []
-    known = {"similarity", "alignment", "fid"}
+    known = {"similarity", "alignment", "fid", *OPTIONAL}
     extra = [name for name, value in metrics.items()
              if name not in known and isinstance(value, dict) and isinstance(value.get("groups"), dict)]
     for group in [None, *group_names(metrics)]:
@@ -141,6 +151,10 @@ def run_summary(metrics: Mapping[str, Any], counts: Mapping[str, tuple[int, int]
             per_group = group is None or "groups" in (metrics.get("fid") or {})
             row[fid.get("kind", "fid")] = with_interval(fid.get("value"), fid.get("value_lo"),
                                                         fid.get("value_hi")) if per_group else ""
+        for name, (column, key) in OPTIONAL.items():
+            entry = section(metrics, name, group)
+            if entry is not None and (group is None or "groups" in (metrics.get(name) or {})):
+                row[column] = with_interval(entry.get(key), entry.get(f"{key}_lo"), entry.get(f"{key}_hi"))
         for name in extra:
             entry = section(metrics, name, group) or {}
             for key, value in entry.items():
