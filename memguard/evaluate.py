@@ -216,7 +216,11 @@ def dino_stage(cfg: DictConfig, run_dir: Path, generations: pd.DataFrame, refere
     threshold (``metrics.dino.threshold``) for its ``copy_fraction``."""
     threshold = float(cfg.metrics.dino.get("threshold", 0.5))
     out = nearest_stage(cfg, run_dir, generations, references, "dino", "dino_similarity", threshold, threshold)
-    out["dino"]["threshold_calibrated"] = bool(cfg.metrics.dino.get("calibrated", False))
+    calibrated = bool(cfg.metrics.dino.get("calibrated", False))
+    if not calibrated:
+        log.warning("metrics.dino.threshold=%s was not calibrated on this model and data (its copy_fraction is a "
+                    "guess): set metrics.dino.threshold and metrics.dino.calibrated=true", threshold)
+    out["dino"]["threshold_calibrated"] = calibrated
     return out
 
 

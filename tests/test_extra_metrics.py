@@ -242,3 +242,16 @@ def test_fetch_gets_every_extra_weight_from_its_source(tmp_path: Path, weights: 
                  f"references={tmp_path}")
     problems = check_inputs(cfg).problems
     assert not [p for p in problems if any(k in p for k in ("aesthetic", "diversity", "dino"))], problems
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_an_uncalibrated_dino_threshold_is_warned_in_one_line(calibrated: bool, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import memguard.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "nearest_stage", lambda *args: {"dino": {}})
+    cfg = OmegaConf.create({"metrics": {"dino": {"threshold": 0.42, "calibrated": calibrated}}})
+    with caplog.at_level("WARNING", logger=evaluate_module.log.name):
+        out = evaluate_module.dino_stage(cfg, Path("."), pd.DataFrame(), [])
+    warned = [r.getMessage() for r in caplog.records if "metrics.dino.threshold=0.42" in r.getMessage()]
+    assert out["dino"]["threshold_calibrated"] is calibrated and len(warned) == (0 if calibrated else 1)
