@@ -147,16 +147,20 @@ def test_attribute_scorer_reads_tiny2_captions(tmp_path: Path) -> None:
 def test_mitigation_auto_reads_the_calibration_a_scenario_names(tmp_path: Path) -> None:
     from tests.test_configs import compose_config
 
+    shipped = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}"])
+    assert shipped.mitigation.auto.calibration == f"{shipped.model.path}/calibration.json"
+    assert shipped.model.path.endswith("/models/tiny2") and Path(shipped.mitigation.auto.calibration).is_file()
     named = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}",
-                            "+scenario.calibration=/models/x/calibration.json"])
+                            "scenario.calibration=/models/x/calibration.json"])
     assert named.mitigation.auto.calibration == named.mitigation.schedule.calibration == "/models/x/calibration.json"
-    default = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}"])
+    default = compose_config(["scenario=tiny2", "mitigation=auto", f"paths.output_dir={tmp_path}",
+                              "~scenario.calibration"])
     assert default.mitigation.auto.calibration == f"{tmp_path}/runs/tiny2/none/calibration.json"
 
 
 def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
     """`memguard train scenario=tiny2 train=tiny2_pretrain` at smoke size: a tiny2 dataset, a classifier of
-    pattern and ink, the copy threshold calibrated on tiny2 images; then the path of a shipped model on it."""
+    pattern and ink, the copy threshold calibrated on tiny2 images."""
     out = tmp_path / "outputs"
     result = memguard("train", "scenario=tiny2", "train=tiny2_pretrain", f"paths.output_dir={out}",
                       "dataset.n_unique=24", "dataset.n_eval_unique=2", "train.settings.steps=2",
@@ -170,23 +174,25 @@ def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
         k: list(v) for k, v in DESIGNS["tiny2"].items()}
     assert read_metadata(out / "train" / "tiny2_pretrain" / "data")[0].pattern in PATTERNS
 
-    # what shipping a tiny2 model needs, on this model of 2 steps: a CFG run, its calibration, `auto` reading the
-    # calibration the scenario names (scenario.calibration, as a shipped model's folder would hold it), the basin
-    common = ["scenario=tiny2", f"model.path={folder}", f"paths.output_dir={out}", "debug=default", "progress=false"]
-    assert memguard("run", *common, "mitigation=none", cwd=tmp_path).returncode == 0
-    calibration = out / "runs" / "debug" / "tiny2" / "none"
-    result = memguard("calibrate", str(calibration), "--fpr", "0.1", "--group", "unique", cwd=tmp_path)
+
+def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path) -> None:
+    """The shipped model (models/tiny2, no training): `memguard run scenario=tiny2 mitigation=auto` reads the
+    calibration the scenario names (the model folder's calibration.json) and decides each image by it, flagging
+    trigger captions more often than unique ones; a run at other timesteps than the calibration's is refused;
+    `memguard basin scenario=tiny2` maps it. Two images a prompt: the CI smoke of the second miniature."""
+    out = tmp_path / "outputs"
+    common = ["scenario=tiny2", f"paths.output_dir={out}", "progress=false"]
+    result = memguard("run", *common, "mitigation=auto", "images_per_prompt=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    result = memguard("run", *common, "mitigation=auto", f"+scenario.calibration={calibration}/calibration.json",
-                      cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    threshold = json.loads((calibration / "calibration.json").read_text())["threshold"]
-    gens = pd.read_csv(out / "runs" / "debug" / "tiny2" / "auto" / "generations.csv")
+    calibration = json.loads((Path(__file__).parents[1] / "models" / "tiny2" / "calibration.json").read_text())
+    gens = pd.read_csv(out / "runs" / "tiny2" / "auto" / "generations.csv")
     assert len(gens) == 14 * 2 and set(gens.decision) <= {"mitigated", "cfg"}
-    decided = (gens.detection_first - threshold).abs() > 1e-5  # the calibration's own images lie on the threshold
-    assert ((gens.decision == "mitigated") == (gens.detection_first > threshold))[decided].all()
-    result = memguard("basin", *common[:3], "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", "progress=false",
-                      cwd=tmp_path)
+    assert ((gens.decision == "mitigated") == (gens.detection_first > calibration["threshold"])).all()
+    flagged = gens.groupby("group").decision.apply(lambda d: (d == "mitigated").mean())
+    assert flagged["trigger"] > flagged["unique"]  # the shipped detector separates what the model memorized
+    result = memguard("run", *common, "mitigation=auto", "debug=default", cwd=tmp_path)  # 4 steps: other timesteps
+    assert result.returncode != 0 and "calibrate on a run with these sampler settings" in result.stderr
+    result = memguard("basin", *common, "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(out / "basin" / "tiny2" / "basin.csv")) == 14 * 2
 
@@ -196,6 +202,7 @@ def test_tiny2_grid_names_the_table_rows_on_scenario_tiny2() -> None:
 
     cfg = compose_config(["experiment=tiny2_grid"], hydra=True)
     rows = cfg.hydra.sweeper.params.mitigation.split(",")
-    assert cfg.scenario.name == "tiny2" and rows == ["none", "uncond", "stp", "dtp", "og_dtp", "han", "sail", "prss"]
+    assert cfg.scenario.name == "tiny2" and rows == ["none", "uncond", "stp", "dtp", "og_dtp", "han", "sail", "prss",
+                                                                  "guard"]
     for mitigation in rows:  # each row composes on the scenario (its dataset, metrics and model path)
         assert compose_config(["experiment=tiny2_grid", f"mitigation={mitigation}"]).dataset.design == "tiny2"

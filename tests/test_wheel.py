@@ -57,6 +57,7 @@ def test_the_wheel_holds_the_configs_and_the_tiny_model(installed: Path, tmp_pat
     assert installed.parent in package.parents and not package.is_relative_to(ROOT)  # not the clone's
     assert Path(where[1]) == package / "conf" and (package / "conf" / "config.yaml").is_file()
     assert (package / "models" / "tiny" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (package / "models" / "tiny2" / "calibration.json").is_file()  # the second miniature, calibrated
     assert not (package / "models" / "random-tiny-sd").exists()  # built by make install, not shipped
 
 

@@ -157,7 +157,8 @@ def write_roc(path: Path, scores: dict[str, np.ndarray], labels: np.ndarray, sou
 def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str] | None = None) -> dict:
     """The threshold on the score over steps ``0..detect_step`` above which at most ``fpr`` of the run's images
     (those of ``groups``, all if None; the run should be standard CFG on prompts not memorized) lie; written to
-    ``run_dir/calibration.json``, where ``mitigation=auto`` looks by default."""
+    ``run_dir/calibration.json``, where ``mitigation=auto`` looks by default, with the timesteps of those steps
+    (``d`` at another timestep is another score: ``auto`` refuses a run whose steps differ)."""
     if not 0 < fpr < 1:
         raise UserError(f"--fpr {fpr} must lie in (0, 1), e.g. 0.01")
     table = run_dir / "generations.csv"
@@ -170,8 +171,10 @@ def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str]
             raise UserError(f"--group {' '.join(groups)}: no image of {run_dir} is in these groups")
     scores = np.sort(detection_score(d_matrix(run_dir, generations), detect_step + 1).numpy())[::-1]
     threshold = float(scores[int(np.floor(fpr * len(scores)))])
+    steps = pd.read_csv(run_dir / "trajectories.csv", usecols=["step", "timestep"]).groupby("step").timestep.first()
     result = {"threshold": threshold, "detect_step": detect_step, "fpr": fpr,
               "measured_fpr": float((scores > threshold).mean()), "n_images": len(scores),
-              "groups": groups, "run_dir": str(run_dir)}
+              "groups": groups, "run_dir": str(run_dir),
+              "timesteps": [float(steps[i]) for i in range(detect_step + 1)]}
     (run_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
