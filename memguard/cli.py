@@ -8,7 +8,8 @@
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
     memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
-    memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run
+    memguard calibrate mitigation=NAME      a method's threshold on the model at hand, from the control prompts
+    memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run folder
     memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
     memguard nemo-localize [key=value ...]  NeMo's memorization neurons per prompt, the file mitigation=nemo reads
     memguard random-model DIR [--family F]  write a tiny random-weight folder, F = sd|sdxl|sd3|dit (tests, demos)
@@ -104,6 +105,11 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "(accelerate launch for GPUs; resumes from its latest checkpoint).",
                  ("scenario", "finetune.base_model", "finetune.settings.steps", "finetune.output_dir"),
                  "memguard finetune scenario=laion10k"),
+    "calibrate": ("Derive a threshold-bearing method's threshold on the model at hand from the scenario's control "
+                  "(non-memorized) prompts, as its YAML's calibration node declares; every later run of the method "
+                  "applies the file (RUN_DIR form: mitigation=auto from a finished standard-CFG folder).",
+                  ("scenario", "model.path", "mitigation", "mitigation.calibration.fpr", "mitigation.calibration.file"),
+                  "memguard calibrate scenario=tiny mitigation=sail"),
     "nemo-localize": (("NeMo (Hintersdorf et al.): for each prompt, the cross-attention value neurons that memorize "
                        "it (z-scores of their activations against nemo.statistics, then refined by the MS-SSIM of the "
                        "first noise prediction across seeds), written to nemo.output for mitigation=nemo; resumes."),
@@ -309,7 +315,7 @@ TASKS = {
     "run": "memguard.runner:run", "check": "memguard.check:check", "fetch": "memguard.fetch.command:fetch",
     "basin": "memguard.basin:basin", "evaluate": "memguard.evaluate:evaluate",
     "train": "memguard.train:train_from_config", "finetune": "memguard.finetune:finetune",
-    "nemo-localize": "memguard.mitigations.nemo_localize:localize",
+    "nemo-localize": "memguard.mitigations.nemo_localize:localize", "calibrate": "memguard.calibrate:calibrate",
 }
 # Overrides a command puts before the user's: basin and nemo-localize write their own folder kinds, outside runs/
 # (which `memguard tables` reads); nemo-localize's beside its neuron file
@@ -340,14 +346,19 @@ def main(argv: list[str] | None = None) -> None:
               "(`make docs` builds the site: site/index.html)")
         return
     command, rest = argv[0], argv[1:]
-    if command in TASKS:
+    if command == "calibrate" and rest and (rest[0].startswith("-") or "=" not in rest[0]):
+        _report_user_errors(_calibrate, rest)  # calibrate RUN_DIR: mitigation=auto from a finished folder
+    elif command == "calibrate":  # calibrate mitigation=NAME: the Hydra task, beside no run folder of its own
+        _hydra_command(command, _task(command), ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                                                 "hydra.run.dir=.", *rest])
+    elif command in TASKS:
         _hydra_command(command, _task(command), [*EXTRA_OVERRIDES.get(command, []), *rest])
     elif command == "tables":
         _tables(rest)
     elif command == "random-model":
         _random_model(rest)
-    elif command in ("calibrate", "plot"):
-        _report_user_errors(_calibrate if command == "calibrate" else _plot, rest)
+    elif command == "plot":
+        _report_user_errors(_plot, rest)
     else:
         raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, nemo-localize, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
 

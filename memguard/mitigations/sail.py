@@ -159,6 +159,17 @@ class SAIL(NoiseAdjustment):
                                 dtype=torch.float64 if isinstance(rows[0][k], float) else None) for k in rows[0]}
         return start.sigma * torch.stack(chosen).to(latents.device), info
 
+    # -- calibration (memguard calibrate mitigation=sail) ----------------------------------------------------------
+    @torch.no_grad()
+    def calibration_scores(self, family: Family, start: Start, cond: Conditions, uncond: Conditions,
+                           noise: Tensor) -> Tensor:
+        """``L(z)`` per image at its own unit noise ``z`` (the search's first candidate: what it keeps when ``L <=
+        threshold``), ``(B,)``: the quantity the threshold cuts, scored on control prompts by ``memguard
+        calibrate``."""
+        z = noise.to(self.dtype(family))
+        return self.loss(family, start, z, z, {k: torch.cat([uncond[k], cond[k]]) for k in cond},
+                         self.coefficient(start)).float()
+
     # -- the search -----------------------------------------------------------------------------------------------
     def search(self, family: Family, start: Start, cond: Conditions, uncond: Conditions, seed: int, wanted: int,
                shape: tuple[int, ...]) -> Search:
