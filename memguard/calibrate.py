@@ -8,14 +8,16 @@ prompts (``calibration.groups``: prompts that are not memorized), in one of two 
   (``calibration_scores``; SAIL: its loss at the image's own noise);
 - ``score: detection``: Wen et al.'s detection score of a standard-CFG run of the control prompts (the ordinary run
   folder ``${scenario.name}/none``, made or resumed here), over steps ``0..mitigation.auto.detect_step``: what
-  ``mitigation=auto`` compares (``memguard calibrate RUN_DIR`` does the same from a folder already made).
+  ``mitigation=auto`` compares (``memguard calibrate RUN_DIR`` does the same from a folder already made);
+- ``score: call:MODULE.FUNCTION``: ``FUNCTION(cfg, control prompts)`` (NeMo: each sample's largest pairwise MS-SSIM).
 
-The value is :func:`~memguard.mitigations.calibration.threshold_at` (at most ``fpr`` of the control images above
-it), written with the model's identity to ``calibration.file``, which every later run of the method applies.
+The value is, by ``rule``, ``fpr`` (default): :func:`~memguard.mitigations.calibration.threshold_at`, at most
+``fpr`` of the control images above it; or ``mean_std``: their mean + 1 std (NeMo's README l. 41). It is written with the model's identity to ``calibration.file``, which every later run of the method applies.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -35,6 +37,7 @@ from memguard.mitigations import Start
 from memguard.mitigations.calibration import model_identity, threshold_at
 from memguard.protocol import resolve_sampler
 from memguard.runner import build_scheduler, run
+from memguard.runs.folder import folder_lock
 from memguard.runs.prompts import load_prompts
 from memguard.runs.seeds import load_seeds
 from memguard.sampling import prepare_batch
@@ -101,17 +104,28 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
                         "YAML); calibrate one of: auto, sail")
     negative = OmegaConf.select(cfg, "metrics.detection.negative", default=None)  # the scenario's non-memorized
     groups = [str(g) for g in (node.get("groups") or negative or [cfg.control_group])]
+    if cfg.get("dataset") is not None:  # a scenario whose data memguard generates (tiny) writes it first, as run does
+        with folder_lock(Path(cfg.paths.output_dir), "dataset"):
+            instantiate_checked(cfg.dataset, "dataset")
     started, source = time.perf_counter(), None
     score = str(node.score)
     if score.startswith("slot:"):
         scores = slot_scores(cfg, score.removeprefix("slot:"), groups)
     elif score == "detection":
         scores, source = detection_scores(cfg, groups)
+    elif score.startswith("call:"):  # a function (cfg, control prompts) -> scores
+        module, _, function = score.removeprefix("call:").rpartition(".")
+        prompts, pairs = control_pairs(cfg, groups)
+        scores = getattr(importlib.import_module(module), function)(cfg, [prompts[p] for p, _ in pairs]).numpy()
     else:
-        raise UserError(f"mitigation.calibration.score={score!r} must be slot:NAME or detection")
-    value = threshold_at(scores, float(node.fpr))
-    result = {"mitigation": str(cfg.mitigation.name).split("_t")[0], "values": {str(node.key): value},
-              "score": score, "fpr": float(node.fpr), "measured_fpr": float((scores > value).mean()),
+        raise UserError(f"mitigation.calibration.score={score!r} must be slot:NAME, detection or call:MODULE.FUNCTION")
+    rule = str(node.get("rule", "fpr"))
+    if rule not in ("fpr", "mean_std"):
+        raise UserError(f"mitigation.calibration.rule={rule!r} must be fpr or mean_std")
+    value = threshold_at(scores, float(node.fpr)) if rule == "fpr" else float(scores.mean() + scores.std(ddof=1))
+    scaled = {str(k): value * float(f) for k, f in (node.get("scaled") or {}).items()}  # keys tied to the key's value
+    result = {"mitigation": str(cfg.mitigation.name).split("_t")[0], "values": {str(node.key): value, **scaled},
+              "score": score, "rule": rule, "fpr": node.get("fpr"), "measured_fpr": float((scores > value).mean()),
               "n_images": int(len(scores)), "groups": groups, "control_run": source,
               "score_quantiles": {q: float(np.quantile(scores, q)) for q in (0.05, 0.5, 0.95)},
               "default": OmegaConf.select(cfg, str(node.key)), "model": model_identity(cfg.model.path),
@@ -119,7 +133,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     path = Path(node.file)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{node.key} = {value:.6g} (default {result['default']}): {result['measured_fpr']:.3f} of "
+    print(f"{node.key} = {value:.6g} (default {result['default']}; rule {rule}): {result['measured_fpr']:.3f} of "
           f"{len(scores)} control images ({', '.join(groups)}) score above it; written to {path}, which every run of "
           f"mitigation={result['mitigation']} on this model applies")
     return result

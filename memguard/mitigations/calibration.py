@@ -6,6 +6,7 @@
       score: {_target_: memguard.mitigations.sail.first_loss, ...}   # per control image: the quantity the threshold cuts
       key: mitigation.noise.threshold     # the config key the calibrated value replaces
       fpr: 0.05                           # at most this fraction of control images score above the value
+      scaled: {}                          # other keys set to the value times a factor (PRSS: threshold = 5/3 target)
       file: ${paths.output_dir}/calibration/${scenario.name}/sail.json
       tuned_on: {prediction_type: epsilon, sample_size: 64, cross_attention_dim: 768}   # the default's model (SD 1.4)
 
@@ -76,7 +77,7 @@ def apply_calibration(cfg: DictConfig) -> dict[str, Any] | None:
     method, path = str(cfg.mitigation.name), node.get("file")
     if path and Path(path).is_file():
         calibration = read_calibration(path, cfg.model.path)
-        for key, value in calibration["values"].items():
+        for key, value in calibration["values"].items():  # the calibrated key and those scaled with it
             if OmegaConf.select(cfg, key) is None and key != str(node.key):
                 raise UserError(f"calibration {path} sets {key}, which mitigation={method} does not have")
             OmegaConf.update(cfg, key, value)
