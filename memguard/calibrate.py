@@ -128,7 +128,9 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
               "score": score, "rule": rule, "fpr": node.get("fpr"), "measured_fpr": float((scores > value).mean()),
               "n_images": int(len(scores)), "groups": groups, "control_run": source,
               "score_quantiles": {q: float(np.quantile(scores, q)) for q in (0.05, 0.5, 0.95)},
-              "default": OmegaConf.select(cfg, str(node.key)), "model": model_identity(cfg.model.path),
+              "default": OmegaConf.select(cfg, str(node.key)),
+              "defaults": {k: OmegaConf.select(cfg, k) for k in (str(node.key), *scaled)},
+              "model": model_identity(cfg.model.path),
               "scenario": str(cfg.scenario.name), "seconds": round(time.perf_counter() - started, 3)}
     path = Path(node.file)
     path.parent.mkdir(parents=True, exist_ok=True)

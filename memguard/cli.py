@@ -8,6 +8,7 @@
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
     memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
+    memguard compare [key=value ...]        every method calibrated, swept, ranked: a leaderboard (compare.output)
     memguard calibrate mitigation=NAME      a method's threshold on the model at hand, from the control prompts
     memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run folder
     memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
@@ -105,6 +106,13 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "(accelerate launch for GPUs; resumes from its latest checkpoint).",
                  ("scenario", "finetune.base_model", "finetune.settings.steps", "finetune.output_dir"),
                  "memguard finetune scenario=laion10k"),
+    "compare": ("For a scenario, each method of compare.methods calibrated on the model at hand, swept over its "
+                "YAML's knob, evaluated; per method its operating point under the alignment budget (chosen on "
+                "calibration seeds, reported on held-out seeds) and its cost; a leaderboard (CSV, Markdown, sortable "
+                "HTML) and trade-off curves. Resumes; shard.index/count and -m with a launcher split it.",
+                ("scenario", "compare.methods", "compare.points", "compare.budget", "compare.calibration_seeds",
+                 "compare.output", "images_per_prompt", "sampler.steps"),
+                "memguard compare scenario=tiny compare.points=3"),
     "calibrate": ("Derive a threshold-bearing method's threshold on the model at hand from the scenario's control "
                   "(non-memorized) prompts, as its YAML's calibration node declares; every later run of the method "
                   "applies the file (RUN_DIR form: mitigation=auto from a finished standard-CFG folder).",
@@ -127,7 +135,7 @@ COMMAND_DOCS = {
     "fetch": "docs/scenarios.md#reproduce-a-table", "basin": "docs/basin.md", "evaluate": "docs/evaluation.md",
     "train": "docs/notebook.md", "finetune": "docs/scenarios.md", "tables": "docs/evaluation.md",
     "calibrate": "docs/basin.md#detection-and-mitigationauto", "plot": "docs/evaluation.md",
-    "random-model": "docs/families.md", "nemo-localize": "docs/mitigations.md",
+    "random-model": "docs/families.md", "nemo-localize": "docs/mitigations.md", "compare": "docs/compare.md",
 }
 
 
@@ -316,6 +324,7 @@ TASKS = {
     "basin": "memguard.basin:basin", "evaluate": "memguard.evaluate:evaluate",
     "train": "memguard.train:train_from_config", "finetune": "memguard.finetune:finetune",
     "nemo-localize": "memguard.mitigations.nemo_localize:localize", "calibrate": "memguard.calibrate:calibrate",
+    "compare": "memguard.compare:compare",
 }
 # Overrides a command puts before the user's: basin and nemo-localize write their own folder kinds, outside runs/
 # (which `memguard tables` reads); nemo-localize's beside its neuron file
@@ -323,6 +332,7 @@ EXTRA_OVERRIDES = {
     "basin": ["run_dir=${paths.output_dir}/basin/${basin.name}", "hydra.sweep.dir=${paths.output_dir}/basin",
               "hydra.sweep.subdir=${basin.name}"],
     "nemo-localize": ["run_dir=${paths.output_dir}/nemo/${scenario.name}"],
+    "compare": ["run_dir=${compare.output}", "hydra.sweep.dir=${compare.output}/shards", "hydra.sweep.subdir=${shard.index}"],
 }
 
 
@@ -360,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "plot":
         _report_user_errors(_plot, rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, nemo-localize, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, nemo-localize, compare, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

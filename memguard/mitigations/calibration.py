@@ -13,7 +13,8 @@
 ``memguard calibrate mitigation=NAME`` (:mod:`memguard.calibrate`) scores the scenario's control (non-memorized)
 images, takes :func:`threshold_at` and writes ``file`` with the model's :func:`model_identity`. A run then
 (:func:`apply_calibration`) replaces ``key`` with the value, after checking the identity, and copies the file into
-its folder (``calibration.json``); without a file, a model unlike ``tuned_on`` gets one warning naming the fix.
+its folder (``calibration.json``, with the keys it ``applied``: a value given on the command line, such as a
+sweep's point, is kept); without a file, a model unlike ``tuned_on`` gets one warning naming the fix.
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ def apply_calibration(cfg: DictConfig) -> dict[str, Any] | None:
     method, path = str(cfg.mitigation.name), node.get("file")
     if path and Path(path).is_file():
         calibration = read_calibration(path, cfg.model.path)
+        defaults, applied = calibration.get("defaults", {}), {}
         for key, value in calibration["values"].items():  # the calibrated key and those scaled with it
-            if OmegaConf.select(cfg, key) is None and key != str(node.key):
-                raise UserError(f"calibration {path} sets {key}, which mitigation={method} does not have")
+            current = OmegaConf.select(cfg, key)
+            if key in defaults and current != defaults[key]:  # set on the command line (a sweep's point): kept
+                continue
             OmegaConf.update(cfg, key, value)
-        return calibration
+            applied[key] = value
+        return {**calibration, "applied": applied}
     tuned_on = OmegaConf.to_container(node.get("tuned_on") or {}, resolve=True)
     geometry = model_geometry(Path(cfg.model.path))
     unlike = {k: (v, geometry.get(k)) for k, v in tuned_on.items() if geometry.get(k) != v}

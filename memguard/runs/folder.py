@@ -74,7 +74,7 @@ def image_name(prompt_idx: int, seed: int) -> str:
 
 # Keys of the generation settings that describe a method without changing what it generates (how `memguard
 # compare` sweeps it, where its calibration is kept): left out of the settings a folder resumes under
-DESCRIPTIVE_KEYS = ("sweep", "calibration")
+DESCRIPTIVE_KEYS = ("sweep", "calibration", "prepare")
 
 
 def generation_settings(cfg: DictConfig) -> dict[str, Any]:
