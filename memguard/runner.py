@@ -223,6 +223,8 @@ def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record
         **with_intervals({"d_step0_mean": mean_or_none([r.d[0] for r in ordered])},
                          intervals([r.prompt_idx for r in ordered], {"d_step0_mean": ([r.d[0] for r in ordered], "mean")})),
         "unet_evals_per_image": mean_or_none([r.unet_evals for r in ordered if r.unet_evals is not None]),
+        "unet_backward_per_image": mean_or_none([float((r.baseline or {}).get("unet_backward_before", 0))
+                                                 for r in ordered]),
         "generation": {"images_made": len(todo), "seconds": round(seconds, 3),
                        "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None},
     })

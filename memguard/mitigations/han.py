@@ -194,7 +194,7 @@ class HanPerSample(_Han):
     without evaluating; memguard evaluates once more (the final norm and whether the target was reached), so an
     image that uses every step costs one forward pair more than theirs; its latents are the same.
     ``unet_evals_before`` = ``2 (han_iterations + 1)`` per image: forward passes of the image through both
-    branches; the ``han_iterations`` backward passes are not counted in it. Info per image:
+    branches; its backward passes, ``2 han_iterations``, are ``unet_backward_before``. Info per image:
     ``han_iterations`` (AdamW steps), ``han_first_norm``, ``han_final_norm`` (``L`` at the original and the
     final x_T, in ``units``), ``han_reached_target``, ``han_shift_norm`` (``||x_T' - x_T||_2``).
     Ranges: ``lr > 0``, ``iterations >= 1``, ``target >= 0`` or None; ``units`` raw or eps.
@@ -258,7 +258,8 @@ class HanPerSample(_Han):
             masked_step(optimizer, x, active)
             steps += active
         info = {"han_iterations": steps, "han_first_norm": first, "han_final_norm": final,
-                "han_shift_norm": _norms(x.detach() - original), "unet_evals_before": 2 * (steps + 1)}
+                "han_shift_norm": _norms(x.detach() - original), "unet_evals_before": 2 * (steps + 1),
+                "unet_backward_before": 2 * steps}  # each step's gradient goes back through both branches
         if self.target is not None:
             info["han_reached_target"] = final <= self.target
         return x.detach().to(latents.dtype), info
