@@ -168,8 +168,10 @@ def command_help(name: str, overrides: list[str] | None = None, full: bool = Fal
 
     def default(key: str) -> str:
         node = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if OmegaConf.is_config(node):  # a config group: the option chosen, by its name
+        if OmegaConf.is_dict(node):  # a config group: the option chosen, by its name
             node = node.get("name")
+        elif OmegaConf.is_list(node):  # a list value: as written on a command line
+            return "[" + ",".join(map(str, node)) + "]"
         if node is None and (CONF_DIR / key).is_dir():  # a group chosen by none: its options
             return f"null ({' | '.join(sorted(p.stem for p in (CONF_DIR / key).glob('*.yaml')))})"
         if OmegaConf.is_missing(cfg, key):
