@@ -66,3 +66,22 @@ def test_an_uncalibrated_method_warns_once_per_run(out: Path, caplog: pytest.Log
 def test_a_method_without_a_threshold_is_refused() -> None:
     with pytest.raises(UserError, match="no threshold to calibrate"):
         calibrate(compose_config(["mitigation=dtp"]))
+
+
+def test_nemo_localize_reads_its_calibrated_thresholds_for_this_model_only(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from memguard.mitigations.calibration import model_identity
+    from memguard.mitigations.nemo_localize import apply_nemo_calibration
+
+    path = tmp_path / "nemo.json"
+    cfg = compose_config([f"nemo.calibration={path}"])
+    with caplog.at_level(logging.WARNING):
+        assert apply_nemo_calibration(cfg) is None  # none yet: the tiny model is not SD 1.x, one warning
+    assert sum("memguard calibrate mitigation=nemo" in r.getMessage() for r in caplog.records) == 1
+    values = {"nemo.pairwise_threshold": 0.7, "nemo.initial_threshold": 0.7, "nemo.refinement_threshold": 0.7}
+    path.write_text(json.dumps({"mitigation": "nemo", "values": values, "model": model_identity(cfg.model.path)}))
+    apply_nemo_calibration(cfg)
+    assert cfg.nemo.pairwise_threshold == cfg.nemo.refinement_threshold == 0.7
+    path.write_text(json.dumps({"mitigation": "nemo", "values": values, "model": {"sha256": "0" * 64}}))
+    with pytest.raises(UserError, match="calibrate again"):
+        apply_nemo_calibration(compose_config([f"nemo.calibration={path}"]))
