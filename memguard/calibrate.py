@@ -77,16 +77,16 @@ def slot_scores(cfg: DictConfig, slot: str, groups: list[str]) -> np.ndarray:
     return torch.cat(scores).numpy()
 
 
-def detection_scores(cfg: DictConfig, groups: list[str]) -> tuple[np.ndarray, str]:
+def detection_scores(cfg: DictConfig, groups: list[str], control_run: str | None = None) -> tuple[np.ndarray, str]:
     """Wen et al.'s score over steps ``0..detect_step`` of the control images of a standard-CFG run (made or
-    resumed in its ordinary folder), and that folder."""
+    resumed in its ordinary folder, ``runs/<scenario>/none``, or the run name ``control_run``), and that folder."""
     import pandas as pd
 
     with open_dict(cfg):
         none = cfg.copy()
     none.mitigation = OmegaConf.create({"name": "none", "schedule": {"_target_": "memguard.guidance.Constant",
                                                                       "scale": float(cfg.guidance.scale)}})
-    none.run_name = f"{cfg.scenario.name}/none"
+    none.run_name = control_run or f"{cfg.scenario.name}/none"
     none.run_dir = str(Path(cfg.paths.output_dir) / "runs" / none.run_name)
     none.evaluate = False
     run(none)
@@ -96,8 +96,9 @@ def detection_scores(cfg: DictConfig, groups: list[str]) -> tuple[np.ndarray, st
     return detection_score(d_matrix(Path(none.run_dir), generations), steps).numpy(), none.run_dir
 
 
-def calibrate(cfg: DictConfig) -> dict[str, Any]:
-    """Score the control images, take the threshold at ``fpr``, write ``calibration.file``; returns its content."""
+def calibrate(cfg: DictConfig, control_run: str | None = None) -> dict[str, Any]:
+    """Score the control images, take the threshold by ``rule``, write ``calibration.file``; returns its content.
+    ``control_run``: the standard-CFG run name ``score: detection`` reads (default ``<scenario>/none``)."""
     node = cfg.mitigation.get("calibration")
     if node is None:
         raise UserError(f"mitigation={cfg.mitigation.name} has no threshold to calibrate (no calibration node in its "
@@ -112,7 +113,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     if score.startswith("slot:"):
         scores = slot_scores(cfg, score.removeprefix("slot:"), groups)
     elif score == "detection":
-        scores, source = detection_scores(cfg, groups)
+        scores, source = detection_scores(cfg, groups, control_run)
     elif score.startswith("call:"):  # a function (cfg, control prompts) -> scores
         module, _, function = score.removeprefix("call:").rpartition(".")
         prompts, pairs = control_pairs(cfg, groups)

@@ -75,15 +75,15 @@ def pick_points(points: list[dict[str, Any]], wanted: int | None) -> list[dict[s
 
 
 def prepare(cfg: DictConfig, allowed: bool) -> None:
-    """Calibrate the method on this model where it has a calibration node and no file; run its ``prepare`` task
-    where that task's output is missing."""
+    """Calibrate the method on this model where it has a calibration node and no file (a standard-CFG score reads
+    compare's own ``none`` folder); run its ``prepare`` task where that task's output is missing."""
     node = cfg.mitigation.get("calibration")
     if node is not None and not Path(str(node.file)).is_file():
         if not allowed:
             raise UserError(f"mitigation={cfg.mitigation.name} is not calibrated on this model (no {node.file}); "
                             "run memguard calibrate mitigation=NAME, or compare.calibrate=true")
         log.info("compare: calibrating mitigation=%s on this model", cfg.mitigation.name)
-        calibrate(cfg)
+        calibrate(cfg, control_run=f"{cfg.scenario.name}/compare/none/{point_name({})}")
     task = cfg.mitigation.get("prepare")
     if task is not None and not Path(str(task.output)).is_file():
         module, _, function = str(task.task).rpartition(".")
