@@ -86,7 +86,8 @@ def apply_calibration(cfg: DictConfig) -> dict[str, Any] | None:
             OmegaConf.update(cfg, key, value)
             applied[key] = value
         return {**calibration, "applied": applied}
-    tuned_on = OmegaConf.to_container(node.get("tuned_on") or {}, resolve=True)
+    tuned_on = node.get("tuned_on")
+    tuned_on = OmegaConf.to_container(tuned_on, resolve=True) if OmegaConf.is_config(tuned_on) else dict(tuned_on or {})
     geometry = model_geometry(Path(cfg.model.path))
     unlike = {k: (v, geometry.get(k)) for k, v in tuned_on.items() if geometry.get(k) != v}
     if unlike:  # a run applies its calibration once: one warning per run
