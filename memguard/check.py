@@ -41,6 +41,7 @@ from memguard.fetch.sources import destination, nodes, prose
 from memguard.metrics.alignment import OPEN_CLIP_HELP
 from memguard.metrics.fid import INCEPTION_HELP
 from memguard.metrics.similarity import SSCD_URL
+from memguard.mitigations.calibration import read_calibration
 from memguard.runs.prompts import load_prompts
 from memguard.runs.seeds import load_seeds
 
@@ -358,10 +359,28 @@ def _model_resolution(model: Path | None) -> int | None:
 # The task
 
 
+def check_calibration(cfg: DictConfig, report: Report, model: Path | None) -> None:
+    """A calibrated method's file must have been made for this model (its identity); a missing one is noted."""
+    node = cfg.mitigation.get("calibration")
+    if node is None or model is None:
+        return
+    path = Path(str(node.file))
+    if not path.is_file():
+        report.notes.append(f"mitigation={cfg.mitigation.name}: {node.key} is not calibrated on this model "
+                            f"(no {path}); memguard calibrate mitigation={cfg.mitigation.name} derives it")
+        return
+    try:
+        values = read_calibration(path, model)["values"]
+        report.notes.append(f"calibration {path}: made for this model; sets {values}")
+    except UserError as err:
+        report.problems.append(str(err))
+
+
 def check_inputs(cfg: DictConfig) -> Report:
     """Every input of ``cfg`` that a run needs; nothing is written."""
     report = Report()
     model = check_model(cfg, report)
+    check_calibration(cfg, report, model)
     if cfg.get("dataset") is not None and cfg.prompts_file is not None and not Path(cfg.prompts_file).exists():
         report.notes.append(f"prompts and references: written by dataset ({cfg.dataset._target_}) on the first run")
         check_weights(cfg, report, [n for n in STAGES if cfg.metrics.get(n) is not None] if cfg.evaluate else [])

@@ -8,7 +8,9 @@
     memguard train scenario=tiny [...]      train the tiny scenario's model from nothing (about 20 min on CPU)
     memguard finetune scenario=laion10k     fine-tune SD's UNet on a scenario's data (accelerate launch: GPUs)
     memguard tables [--output-dir DIR]      the paper's Tables 1-5 and the tiny table from DIR/runs (outputs)
-    memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run
+    memguard compare [key=value ...]        every method calibrated, swept, ranked: a leaderboard (compare.output)
+    memguard calibrate mitigation=NAME      a method's threshold on the model at hand, from the control prompts
+    memguard calibrate RUN_DIR [--fpr 0.01] mitigation=auto's detection threshold from a standard-CFG run folder
     memguard plot RUN_DIR [RUN_DIR ...]     mean ||eps_c||, ||eps_u||, ||eps_c - eps_u|| per step and group
     memguard nemo-localize [key=value ...]  NeMo's memorization neurons per prompt, the file mitigation=nemo reads
     memguard random-model DIR [--family F]  write a tiny random-weight folder, F = sd|sdxl|sd3|dit (tests, demos)
@@ -104,6 +106,18 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "(accelerate launch for GPUs; resumes from its latest checkpoint).",
                  ("scenario", "finetune.base_model", "finetune.settings.steps", "finetune.output_dir"),
                  "memguard finetune scenario=laion10k"),
+    "compare": ("For a scenario, each method of compare.methods calibrated on the model at hand, swept over its "
+                "YAML's knob, evaluated; per method its operating point under the alignment budget (chosen on "
+                "calibration seeds, reported on held-out seeds) and its cost; a leaderboard (CSV, Markdown, sortable "
+                "HTML) and trade-off curves. Resumes; shard.index/count and -m with a launcher split it.",
+                ("scenario", "compare.methods", "compare.points", "compare.budget", "compare.calibration_seeds",
+                 "compare.output", "images_per_prompt", "sampler.steps"),
+                "memguard compare scenario=tiny compare.points=3"),
+    "calibrate": ("Derive a threshold-bearing method's threshold on the model at hand from the scenario's control "
+                  "(non-memorized) prompts, as its YAML's calibration node declares; every later run of the method "
+                  "applies the file (RUN_DIR form: mitigation=auto from a finished standard-CFG folder).",
+                  ("scenario", "model.path", "mitigation", "mitigation.calibration.fpr", "mitigation.calibration.file"),
+                  "memguard calibrate scenario=tiny mitigation=sail"),
     "nemo-localize": (("NeMo (Hintersdorf et al.): for each prompt, the cross-attention value neurons that memorize "
                        "it (z-scores of their activations against nemo.statistics, then refined by the MS-SSIM of the "
                        "first noise prediction across seeds), written to nemo.output for mitigation=nemo; resumes."),
@@ -121,7 +135,7 @@ COMMAND_DOCS = {
     "fetch": "docs/scenarios.md#reproduce-a-table", "basin": "docs/basin.md", "evaluate": "docs/evaluation.md",
     "train": "docs/notebook.md", "finetune": "docs/scenarios.md", "tables": "docs/evaluation.md",
     "calibrate": "docs/basin.md#detection-and-mitigationauto", "plot": "docs/evaluation.md",
-    "random-model": "docs/families.md", "nemo-localize": "docs/mitigations.md",
+    "random-model": "docs/families.md", "nemo-localize": "docs/mitigations.md", "compare": "docs/compare.md",
 }
 
 
@@ -154,8 +168,10 @@ def command_help(name: str, overrides: list[str] | None = None, full: bool = Fal
 
     def default(key: str) -> str:
         node = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if OmegaConf.is_config(node):  # a config group: the option chosen, by its name
+        if OmegaConf.is_dict(node):  # a config group: the option chosen, by its name
             node = node.get("name")
+        elif OmegaConf.is_list(node):  # a list value: as written on a command line
+            return "[" + ",".join(map(str, node)) + "]"
         if node is None and (CONF_DIR / key).is_dir():  # a group chosen by none: its options
             return f"null ({' | '.join(sorted(p.stem for p in (CONF_DIR / key).glob('*.yaml')))})"
         if OmegaConf.is_missing(cfg, key):
@@ -309,7 +325,8 @@ TASKS = {
     "run": "memguard.runner:run", "check": "memguard.check:check", "fetch": "memguard.fetch.command:fetch",
     "basin": "memguard.basin:basin", "evaluate": "memguard.evaluate:evaluate",
     "train": "memguard.train:train_from_config", "finetune": "memguard.finetune:finetune",
-    "nemo-localize": "memguard.mitigations.nemo_localize:localize",
+    "nemo-localize": "memguard.mitigations.nemo_localize:localize", "calibrate": "memguard.calibrate:calibrate",
+    "compare": "memguard.compare:compare",
 }
 # Overrides a command puts before the user's: basin and nemo-localize write their own folder kinds, outside runs/
 # (which `memguard tables` reads); nemo-localize's beside its neuron file
@@ -317,6 +334,7 @@ EXTRA_OVERRIDES = {
     "basin": ["run_dir=${paths.output_dir}/basin/${basin.name}", "hydra.sweep.dir=${paths.output_dir}/basin",
               "hydra.sweep.subdir=${basin.name}"],
     "nemo-localize": ["run_dir=${paths.output_dir}/nemo/${scenario.name}"],
+    "compare": ["run_dir=${compare.output}", "hydra.sweep.dir=${compare.output}/shards", "hydra.sweep.subdir=${shard.index}"],
 }
 
 
@@ -340,16 +358,21 @@ def main(argv: list[str] | None = None) -> None:
               "(`make docs` builds the site: site/index.html)")
         return
     command, rest = argv[0], argv[1:]
-    if command in TASKS:
+    if command == "calibrate" and rest and (rest[0].startswith("-") or "=" not in rest[0]):
+        _report_user_errors(_calibrate, rest)  # calibrate RUN_DIR: mitigation=auto from a finished folder
+    elif command == "calibrate":  # calibrate mitigation=NAME: the Hydra task, beside no run folder of its own
+        _hydra_command(command, _task(command), ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                                                 "hydra.run.dir=.", *rest])
+    elif command in TASKS:
         _hydra_command(command, _task(command), [*EXTRA_OVERRIDES.get(command, []), *rest])
     elif command == "tables":
         _tables(rest)
     elif command == "random-model":
         _random_model(rest)
-    elif command in ("calibrate", "plot"):
-        _report_user_errors(_calibrate if command == "calibrate" else _plot, rest)
+    elif command == "plot":
+        _report_user_errors(_plot, rest)
     else:
-        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, nemo-localize, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
+        raise SystemExit(f"memguard: error: unknown command {command!r}; commands: run, check, fetch, basin, evaluate, train, finetune, nemo-localize, compare, tables, calibrate, plot, random-model\nusage:\n{USAGE}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Several processes may fill one folder, each its shard of the pairs (:mod:`memgua
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from memguard.gpu import check_gpu_settings, prepare_model
 from memguard.guidance import GuidanceSchedule
 from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.mitigations import SLOTS, Baselines
+from memguard.mitigations.calibration import apply_calibration
 from memguard.protocol import apply_protocol, resolve_sampler
 from memguard.runs.folder import Record, check_folder, existing_records, folder_lock, update_metrics
 from memguard.runs.outputs import (
@@ -149,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     apply_protocol(cfg, model_scheduler.config.get("prediction_type") == "v_prediction")  # +protocol=authors
     scheduler = build_scheduler(cfg, model_scheduler)
     family.check_scheduler(scheduler)
+    calibration = apply_calibration(cfg)  # a threshold calibrated on this model (memguard calibrate), else a warning
     schedule = build_schedule(cfg, scheduler.config.num_train_timesteps)
     baselines = build_baselines(cfg, family)
     for slot in (baselines.embedding, baselines.noise):  # a per-prompt embedding or latent search (SAIL's
@@ -167,6 +170,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     records = existing_records(run_dir, prompts, pairs, {p for p in pairs if shard.owns(*p)} if shard.sharded else None)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
+    if calibration is not None:
+        (run_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     todo = [p for p in pairs if p not in records and shard.owns(*p)]
     log.info("run folder %s: %d of %d images present%s", run_dir, len(records), len(pairs),
              f" (of shard {shard.name}'s)" if shard.sharded else "")
@@ -218,6 +223,8 @@ def finish(cfg: DictConfig, run_dir: Path, records: dict[tuple[int, int], Record
         **with_intervals({"d_step0_mean": mean_or_none([r.d[0] for r in ordered])},
                          intervals([r.prompt_idx for r in ordered], {"d_step0_mean": ([r.d[0] for r in ordered], "mean")})),
         "unet_evals_per_image": mean_or_none([r.unet_evals for r in ordered if r.unet_evals is not None]),
+        "unet_backward_per_image": mean_or_none([float((r.baseline or {}).get("unet_backward_before", 0))
+                                                 for r in ordered]),
         "generation": {"images_made": len(todo), "seconds": round(seconds, 3),
                        "images_per_second": round(len(todo) / seconds, 4) if todo and seconds > 0 else None},
     })

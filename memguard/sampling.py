@@ -240,7 +240,8 @@ def generate_images(model: Family | Components, scheduler: SchedulerMixin, sched
         cond, adjusted = baselines.embedding(family, start.model_input(noise * start.sigma), start.t, cond, uncond,
                                              prompts=list(prompts), seeds=list(seeds), model_input=model_input)
         for key, value in adjusted.items():  # a cost is summed over the slots, anything else reported as it is
-            info[key] = info[key] + value if key == "unet_evals_before" and key in info else value
+            summed = key in ("unet_evals_before", "unet_backward_before") and key in info
+            info[key] = info[key] + value if summed else value
     extra = [] if baselines.branches is None else baselines.branches.conditions(
         family, list(original or prompts), resolution or family.default_resolution)
     installed = nullcontext() if baselines.attention is None else \

@@ -75,7 +75,8 @@ def test_every_hydra_command_has_help_of_its_own() -> None:
     """What the command does, its main keys with their defaults from the composed config, one example."""
     from memguard.cli import COMMAND_HELP, command_help
 
-    assert set(COMMAND_HELP) == {"run", "check", "fetch", "basin", "evaluate", "train", "finetune", "nemo-localize"}
+    assert set(COMMAND_HELP) == {"run", "check", "fetch", "basin", "evaluate", "train", "finetune", "nemo-localize",
+                                "calibrate", "compare"}
     for name, (_, keys, example) in COMMAND_HELP.items():
         text = command_help(name)
         assert text.startswith(f"usage: memguard {name} [key=value ...]") and example in text

@@ -85,7 +85,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("mitigations", ("memguard.mitigations", "memguard.mitigations.*")),
     ("the loop", ("memguard.sampling",)),
     ("tasks", ("memguard.runner", "memguard.evaluate", "memguard.check", "memguard.fetch.command", "memguard.basin",
-               "memguard.train", "memguard.finetune", "memguard.tables")),
+               "memguard.train", "memguard.finetune", "memguard.tables", "memguard.calibrate", "memguard.compare")),
     ("the CLI", ("memguard.cli",)),
 ]
 

@@ -426,7 +426,7 @@ def test_the_statistics_source_is_fetched_into_nemo_statistics(tmp_path: Path) -
 def test_defaults_are_their_codes() -> None:
     """conf's nemo node and mitigation=nemo hold the defaults of 3_detect_memorized_neurons.py l. 124-138, 95 and
     4_generate_images.py l. 297 (commit f952ede); +protocol=authors runs nemo as their generation does."""
-    cfg = compose_config(["mitigation=nemo", "+protocol=authors"])
+    cfg = compose_config(["scenario=nemo500", "mitigation=nemo", "+protocol=authors"])  # tiny sets its own MS-SSIM scales
     settings = Settings.from_config(cfg.nemo)
     assert settings == Settings(seed=1, samples=10, steps=50, noise_step=1, guidance=0.0, pairwise_threshold=0.428,
                                 initial_threshold=0.428, refinement_threshold=0.428, theta=5.0, theta_step=0.25,

@@ -154,13 +154,19 @@ def write_roc(path: Path, scores: dict[str, np.ndarray], labels: np.ndarray, sou
     plt.close(fig)
 
 
+def threshold_at(scores: np.ndarray, fpr: float) -> float:
+    """The value above which at most ``fpr`` of ``scores`` lie (the ``floor(fpr n)``-th largest score)."""
+    if not 0 < fpr < 1:
+        raise UserError(f"fpr={fpr} must lie in (0, 1), e.g. 0.01")
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    return float(ordered[int(np.floor(fpr * len(ordered)))])
+
+
 def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str] | None = None) -> dict:
     """The threshold on the score over steps ``0..detect_step`` above which at most ``fpr`` of the run's images
     (those of ``groups``, all if None; the run should be standard CFG on prompts not memorized) lie; written to
     ``run_dir/calibration.json``, where ``mitigation=auto`` looks by default, with the timesteps of those steps
     (``d`` at another timestep is another score: ``auto`` refuses a run whose steps differ)."""
-    if not 0 < fpr < 1:
-        raise UserError(f"--fpr {fpr} must lie in (0, 1), e.g. 0.01")
     table = run_dir / "generations.csv"
     if not table.is_file():
         raise UserError(f"{run_dir} has no generations.csv; make it with `memguard run mitigation=none` first")
@@ -169,8 +175,8 @@ def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str]
         generations = generations[generations.group.astype(str).isin(groups)]
         if generations.empty:
             raise UserError(f"--group {' '.join(groups)}: no image of {run_dir} is in these groups")
-    scores = np.sort(detection_score(d_matrix(run_dir, generations), detect_step + 1).numpy())[::-1]
-    threshold = float(scores[int(np.floor(fpr * len(scores)))])
+    scores = detection_score(d_matrix(run_dir, generations), detect_step + 1).numpy()
+    threshold = threshold_at(scores, fpr)  # the rule `memguard calibrate mitigation=auto` applies
     steps = pd.read_csv(run_dir / "trajectories.csv", usecols=["step", "timestep"]).groupby("step").timestep.first()
     result = {"threshold": threshold, "detect_step": detect_step, "fpr": fpr,
               "measured_fpr": float((scores > threshold).mean()), "n_images": len(scores),

@@ -31,7 +31,9 @@ it serves, :mod:`memguard.families`); a run on another family is refused in one 
 Per-image side results go into the ``info`` dict a slot returns: ``{name: tensor (B,)}``, recorded per image in
 ``generations.csv`` and averaged in ``metrics.json``. The key ``unet_evals_before`` holds the denoiser evaluations
 (samples through the network, forward passes; one per sample per branch) the slot spent before sampling; it is
-added to the loop's own count, so ``unet_evals_per_image`` is a method's whole cost.
+added to the loop's own count, so ``unet_evals_per_image`` is a method's whole cost. ``unet_backward_before``
+counts, in the same units, the samples a slot's optimisation sends back through the denoiser (gradients);
+``metrics.json`` reports its mean as ``unet_backward_per_image``.
 """
 
 from __future__ import annotations

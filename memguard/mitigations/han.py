@@ -162,6 +162,17 @@ class HanBatchWise(_Han):
                 "unet_evals_before": torch.full((len(x),), 4 * self.iterations, device=x.device)}
         return x.to(latents.dtype), info
 
+    # Their rho = 50 is a distance in SD 1.4's 4x64x64 latent space, where E||x_T|| = sqrt(16384) = 128 (their
+    # code gives no procedure for it). memguard keeps its ratio to ||x_T|| on the model at hand.
+    REFERENCE_NORM = 128.0
+
+    @torch.no_grad()
+    def calibration_scores(self, family: Family, start: Start, cond: Conditions, uncond: Conditions,
+                           noise: Tensor) -> Tensor:
+        """Per image ``rho ||x_T|| / 128``: the step length that is to this model's x_T what ``rho`` is to SD 1.4's
+        (``memguard calibrate mitigation=han`` takes the median; the prompts do not enter)."""
+        return self.rho * _norms(noise * start.sigma).float() / self.REFERENCE_NORM
+
 
 class HanPerSample(_Han):
     """Han et al.'s per-sample optimisation (mitigation ``han_per_sample``): minimise, per image,
@@ -183,7 +194,7 @@ class HanPerSample(_Han):
     without evaluating; memguard evaluates once more (the final norm and whether the target was reached), so an
     image that uses every step costs one forward pair more than theirs; its latents are the same.
     ``unet_evals_before`` = ``2 (han_iterations + 1)`` per image: forward passes of the image through both
-    branches; the ``han_iterations`` backward passes are not counted in it. Info per image:
+    branches; its backward passes, ``2 han_iterations``, are ``unet_backward_before``. Info per image:
     ``han_iterations`` (AdamW steps), ``han_first_norm``, ``han_final_norm`` (``L`` at the original and the
     final x_T, in ``units``), ``han_reached_target``, ``han_shift_norm`` (``||x_T' - x_T||_2``).
     Ranges: ``lr > 0``, ``iterations >= 1``, ``target >= 0`` or None; ``units`` raw or eps.
@@ -204,6 +215,15 @@ class HanPerSample(_Han):
         _check_precision(precision)
         self.lr, self.iterations, self.units, self.precision = float(lr), iterations, units, precision
         self.target = None if target is None else float(target)
+
+    @torch.no_grad()
+    def calibration_scores(self, family: Family, start: Start, cond: Conditions, uncond: Conditions,
+                           noise: Tensor) -> Tensor:
+        """``||eps~(x_T)||`` per image at its own noise, in ``units``: the norm the target cuts (``memguard
+        calibrate mitigation=han_per_sample`` scores it on control prompts)."""
+        _check_eps_units(self.units, start)
+        x = (noise * start.sigma).to(working_dtype(self.precision, family))
+        return _norms(guidance_term(family, x, start, cond, uncond, self.units, x.dtype)).float()
 
     def __call__(self, family: Family, latents: Tensor, start: Start, cond: Conditions, uncond: Conditions, *,
                  prompts: Sequence[str], seeds: Sequence[int]) -> tuple[Tensor, Info]:
@@ -238,7 +258,8 @@ class HanPerSample(_Han):
             masked_step(optimizer, x, active)
             steps += active
         info = {"han_iterations": steps, "han_first_norm": first, "han_final_norm": final,
-                "han_shift_norm": _norms(x.detach() - original), "unet_evals_before": 2 * (steps + 1)}
+                "han_shift_norm": _norms(x.detach() - original), "unet_evals_before": 2 * (steps + 1),
+                "unet_backward_before": 2 * steps}  # each step's gradient goes back through both branches
         if self.target is not None:
             info["han_reached_target"] = final <= self.target
         return x.detach().to(latents.dtype), info

@@ -63,6 +63,7 @@ from memguard.components import DTYPES, check_settings, resolve_device
 from memguard.errors import UserError
 from memguard.families import family_class, join, load_family
 from memguard.fetch.manifest import sha256_of
+from memguard.mitigations.calibration import model_geometry, read_calibration
 from memguard.mitigations.nemo import channel_scale, scaled_channels, value_projections
 from memguard.runs.prompt_files import read_prompts_file
 from memguard.runs.prompts import load_prompts
@@ -414,6 +415,34 @@ def localize_prompt(family: Any, prompt: str, stats: Statistics, modules: Sequen
                   diffs.evaluations)
 
 
+def calibration_scores(cfg: Any, prompts: Sequence[str]) -> Tensor:
+    """``memguard calibrate mitigation=nemo``: each control prompt's samples' largest pairwise MS-SSIM (step 3),
+    pooled; their README l. 41 sets the thresholds to the mean + 1 std of these for unmemorized prompts."""
+    settings = Settings.from_config(OmegaConf.to_container(cfg.nemo, resolve=True))
+    family = load_family(cfg.model.path, resolve_device(cfg.device), DTYPES[cfg.dtype], cfg.model.get("family"))
+    side = cfg.resolution or family.default_resolution
+    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else settings.samples
+    return torch.cat([max_pairwise(NoiseDiffs(family, p, settings, side, batch)(), settings).cpu()
+                      for p in dict.fromkeys(prompts)])
+
+
+def apply_nemo_calibration(cfg: Any) -> dict[str, Any] | None:
+    """The thresholds ``memguard calibrate mitigation=nemo`` wrote to ``nemo.calibration`` for this model, set in
+    ``cfg.nemo``; without one, a model other than SD 1.x (NeMo's) gets one warning naming the fix."""
+    path = cfg.nemo.get("calibration")
+    if path and Path(str(path)).is_file():
+        calibration = read_calibration(path, cfg.model.path)
+        for key, value in calibration["values"].items():
+            OmegaConf.update(cfg, key, value)
+        log.info("nemo-localize: thresholds from %s: %s", path, calibration["values"])
+        return calibration
+    if model_geometry(Path(str(cfg.model.path))).get("cross_attention_dim") != NEMO_TEXT_WIDTH:
+        log.warning("nemo-localize runs NeMo's MS-SSIM thresholds (%s), set for SD 1.4, uncalibrated on model.path=%s; "
+                    "calibrate them on this model: memguard calibrate mitigation=nemo (same scenario and model)",
+                    cfg.nemo.pairwise_threshold, cfg.model.path)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The task: `memguard nemo-localize`
 
@@ -459,6 +488,7 @@ def localize(cfg: Any) -> dict[str, Any]:
     """Localize every prompt of ``cfg`` (resuming) into ``nemo.output``; the summary it logs."""
     # 1. Inputs
     check_settings(cfg)
+    apply_nemo_calibration(cfg)
     settings = Settings.from_config(OmegaConf.to_container(cfg.nemo, resolve=True))
     family_type = family_class(cfg.model.path, cfg.model.get("family"))
     if family_type.name not in ("sd", "sdxl"):

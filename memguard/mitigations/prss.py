@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from memguard.errors import UserError
-from memguard.mitigations import Branches, Conditions, Family, Info
+from memguard.families import join
+from memguard.mitigations import Branches, Conditions, Family, Info, Start
 
 GATES = ("sample", "batch")
 FORMATS = ("a .jsonl of rows {caption, caption1, caption2, ...}, a .json {prompt: [paraphrase, ...]} or a .csv "
@@ -113,6 +114,15 @@ class PromptReanchoring(Branches):
         g, s_pr = g.to(eps_c.dtype).view(shape), s_pr.to(eps_c.dtype).view(shape)
         anchored = eps_o + s_pr * (eps_c - eps_o) + (g - s_pr) * (eps_c - eps_u)
         return torch.where(fire.view(shape), anchored, eps_u + g * (eps_c - eps_u))
+
+    @torch.no_grad()
+    def calibration_scores(self, family: Family, start: Start, cond: Conditions, uncond: Conditions,
+                           noise: Tensor) -> Tensor:
+        """The gate's ``r = ||a (out_c - out_u)||_p`` per image at its own noise, the first step (eps units, as
+        ``target`` and ``threshold``): what ``memguard calibrate mitigation=prss`` scores on control prompts."""
+        x = start.model_input(noise * start.sigma).to(family.denoiser.dtype)
+        out_u, out_c = family(torch.cat([x, x]), start.t, join(uncond, cond)).float().chunk(2)
+        return self.magnitude(start.a * (out_c - out_u), self.p)
 
     def s_pr(self, magnitude: Tensor, g: Tensor) -> Tensor:
         """``min((r - c) / (m - c) g, g)`` with ``c = (g l - m) / (g - 1)``, per sample (``g > 1``)."""

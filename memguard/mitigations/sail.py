@@ -48,6 +48,7 @@ class Search:
     evals: int
     capped: bool
     rounds: list[tuple[float, int]] = field(default_factory=list)
+    backward: int = 0  # samples through the network backward: 4 budget per Adam step (both calls, both branches)
 
 
 class SAIL(NoiseAdjustment):
@@ -96,8 +97,8 @@ class SAIL(NoiseAdjustment):
     Per image ``info``: ``sail_rounds``, ``sail_steps`` (round and Adam steps at which its latent met the threshold),
     ``sail_final_loss`` (that latent's L), ``sail_threshold`` (the threshold it met), ``sail_capped``, and
     ``unet_evals_before``: each evaluation of L takes ``2 calls x 2 branches x budget`` samples through the
-    denoiser, ``4 budget`` per step evaluated (backward passes, one through both calls per Adam step, are not
-    counted); a prompt's pool is shared out over its images (whole evaluations, the remainder to the first seeds).
+    denoiser, ``4 budget`` per step evaluated; ``unet_backward_before``: the backward passes, ``4 budget`` per Adam
+    step (the gradient goes back through both calls' both branches); a prompt's pool is shared out over its images (whole evaluations, the remainder to the first seeds).
     """
 
     families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "dit")  # eps or v models with a null condition
@@ -129,7 +130,7 @@ class SAIL(NoiseAdjustment):
         self.gaussianity, self.max_rounds, self.direction = gaussianity, max_rounds, direction
         self.pool, self.v_units, self.precision = pool, v_units, precision
         self.image_set: Callable[[int], Sequence[int]] | None = None  # pool=prompt: the runner sets it
-        self._cache: dict[tuple, tuple[Search, list[int]]] = {}
+        self._cache: dict[tuple, tuple[Search, list[int], list[int]]] = {}
 
     # -- the slot -------------------------------------------------------------------------------------------------
     def __call__(self, family: Family, latents: Tensor, start: Start, cond: Conditions, uncond: Conditions, *,
@@ -141,23 +142,37 @@ class SAIL(NoiseAdjustment):
             one = select_rows(cond, slice(i, i + 1)), select_rows(uncond, slice(i, i + 1))
             if self.pool == "image":
                 search, rank, shares = self.search(family, start, *one, int(seed), 1, shape), 0, [None]
+                backward_shares = [search.backward]
             else:
                 image_set = [int(s) for s in (self.image_set(int(seed)) if self.image_set is not None else
                                               [s for p, s in zip(prompts, seeds) if p == prompts[i]])]
                 key = (prompts[i], tuple(image_set), float(start.t), shape, str(latents.device))
                 if key not in self._cache:
                     found = self.search(family, start, *one, image_set[0], len(image_set), shape)
-                    self._cache[key] = found, self._shares(found.evals, len(image_set))
-                search, shares = self._cache[key]
+                    self._cache[key] = found, self._shares(found.evals, len(image_set)), \
+                        self._shares(found.backward, len(image_set))
+                search, shares, backward_shares = self._cache[key]
                 rank = image_set.index(int(seed))
             pick = search.picks[rank]
             chosen.append(pick.z)
             rows.append({"sail_rounds": pick.round, "sail_steps": pick.step, "sail_final_loss": pick.loss,
                          "sail_threshold": pick.threshold, "sail_capped": search.capped,
-                         "unet_evals_before": search.evals if shares[rank] is None else shares[rank]})
+                         "unet_evals_before": search.evals if shares[rank] is None else shares[rank],
+                         "unet_backward_before": backward_shares[rank]})
         info = {k: torch.tensor([row[k] for row in rows], device=latents.device,
                                 dtype=torch.float64 if isinstance(rows[0][k], float) else None) for k in rows[0]}
         return start.sigma * torch.stack(chosen).to(latents.device), info
+
+    # -- calibration (memguard calibrate mitigation=sail) ----------------------------------------------------------
+    @torch.no_grad()
+    def calibration_scores(self, family: Family, start: Start, cond: Conditions, uncond: Conditions,
+                           noise: Tensor) -> Tensor:
+        """``L(z)`` per image at its own unit noise ``z`` (the search's first candidate: what it keeps when ``L <=
+        threshold``), ``(B,)``: the quantity the threshold cuts, scored on control prompts by ``memguard
+        calibrate``."""
+        z = noise.to(self.dtype(family))
+        return self.loss(family, start, z, z, {k: torch.cat([uncond[k], cond[k]]) for k in cond},
+                         self.coefficient(start)).float()
 
     # -- the search -----------------------------------------------------------------------------------------------
     def search(self, family: Family, start: Start, cond: Conditions, uncond: Conditions, seed: int, wanted: int,
@@ -168,7 +183,7 @@ class SAIL(NoiseAdjustment):
         conditions = {k: torch.cat([uncond[k].expand(self.budget, *uncond[k].shape[1:]),
                                     cond[k].expand(self.budget, *cond[k].shape[1:])]) for k in cond}
         gamma = self.coefficient(start)
-        threshold, picks, evals, rounds = self.threshold, [], 0, []
+        threshold, picks, evals, rounds, backward = self.threshold, [], 0, [], 0
         for round_ in range(1, self.max_rounds + 1):
             # 1. This round's candidates, from the current seed (the same seed for RAISE_EVERY rounds)
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -190,9 +205,10 @@ class SAIL(NoiseAdjustment):
                 picks += [Pick(z[i].detach(), float(loss[i].detach()), round_, step, threshold) for i in new]
                 taken.update(new)
                 if new and len(picks) >= wanted:
-                    return Search(picks, evals, False, rounds)
+                    return Search(picks, evals, False, rounds, backward)
                 with torch.enable_grad():  # also when the caller samples under torch.no_grad()
                     (z.grad,) = torch.autograd.grad(loss.sum(), [z])
+                backward += 4 * self.budget
                 optimizer.step()
             # 3. A failed round: every RAISE_EVERY-th raises the threshold and re-seeds
             if round_ % self.RAISE_EVERY == 0:
@@ -203,7 +219,7 @@ class SAIL(NoiseAdjustment):
         while len(picks) < wanted:
             picks += [Pick(last[i], float(last_loss[i]), self.max_rounds, self.max_steps - 1, rounds[-1][0])
                       for i in order]
-        return Search(picks, evals, True, rounds)
+        return Search(picks, evals, True, rounds, backward)
 
     def dtype(self, family: Family) -> torch.dtype:
         """The candidates' dtype, which is also Adam's state's: float32 (or the denoiser's if wider), or with

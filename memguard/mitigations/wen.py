@@ -26,7 +26,7 @@ class WenEmbeddingOptimization:
     size. Returns per image the iterations used, the first and
     final L, whether the target was reached, and ``unet_evals_before``: its forward passes, ``iterations + 1``
     conditional and 1 unconditional (what the image costs alone: a batch also evaluates its finished images until
-    its last one stops; the backward passes are not counted).
+    its last one stops; its backward passes, one per iteration, are ``unet_backward_before``).
 
     ``L = sqrt(d_T)`` (the paper's d at the first step) holds for eps-prediction models only: on a v or flow model
     the raw outputs differ from eps by the step's coefficient ``a_T``
@@ -68,7 +68,8 @@ class WenEmbeddingOptimization:
             masked_step(optimizer, embedding, active)
             iterations += active
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": final,
-                "wen_reached_target": final <= self.l_target, "unet_evals_before": iterations + 2}
+                "wen_reached_target": final <= self.l_target, "unet_evals_before": iterations + 2,
+                "unet_backward_before": iterations.clone()}  # one backward pass through the conditional call per step
         return {**cond, "encoder_hidden_states": embedding.detach()}, info
 
 
@@ -91,7 +92,7 @@ class WenSharedEmbedding:
     prompt and cached.
     Returns, per image, its set's iterations, first and final L, whether the target was reached, and
     ``unet_evals_before``: the set's forward passes per image, ``iterations + 2`` (``N`` null and ``N (iterations
-    + 1)`` conditional evaluations shared by its ``N`` images; backward passes not counted).
+    + 1)`` conditional evaluations shared by its ``N`` images; its backward passes, ``iterations`` per image, ``unet_backward_before``).
     """
 
     def __init__(self, l_target: float, lr: float = 0.05, max_iters: int = 10) -> None:
@@ -152,5 +153,6 @@ class WenSharedEmbedding:
             iterations += 1
         info = {"wen_iterations": iterations, "wen_first_norm": first, "wen_final_norm": current,
                 "wen_reached_target": current <= self.l_target,
-                "unet_evals_before": iterations + 2}  # the set's forward passes, N (iterations + 2), per image
+                "unet_evals_before": iterations + 2,  # the set's forward passes, N (iterations + 2), per image
+                "unet_backward_before": iterations}  # and its backward passes, N iterations, per image
         return embedding.detach(), info

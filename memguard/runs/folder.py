@@ -72,9 +72,21 @@ def image_name(prompt_idx: int, seed: int) -> str:
     return f"{prompt_idx:05d}_{seed}.png"
 
 
+# Keys of the generation settings that describe a method without changing what it generates (how `memguard
+# compare` sweeps it, where its calibration is kept): left out of the settings a folder resumes under
+DESCRIPTIVE_KEYS = ("sweep", "calibration", "prepare")
+
+
 def generation_settings(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {key: resolved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS}
+    return without_descriptive({key: resolved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS})
+
+
+def without_descriptive(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the mitigation's :data:`DESCRIPTIVE_KEYS`."""
+    if isinstance(settings.get("mitigation"), dict):
+        settings["mitigation"] = {k: v for k, v in settings["mitigation"].items() if k not in DESCRIPTIVE_KEYS}
+    return settings
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -117,7 +129,8 @@ def check_folder(cfg: DictConfig, run_dir: Path) -> None:
     config_file = run_dir / "config.yaml"
     if config_file.exists():
         saved = saved_config(config_file)
-        old = with_former_defaults({key: saved.get(key, FORMER_DEFAULTS.get(key)) for key in GENERATION_KEYS})
+        old = without_descriptive(with_former_defaults({key: saved.get(key, FORMER_DEFAULTS.get(key))
+                                                           for key in GENERATION_KEYS}))
         diffs = differences(old, generation_settings(cfg))
         if diffs:
             raise UserError(

@@ -8,7 +8,9 @@ branch a scale of 0 or 1 leaves unused is skipped), and of memguard `none` vs di
 StableDiffusionPipeline on the same components, prompts, seeds and scheduler (DPM-Solver++; ratio memguard /
 diffusers). Each timed call generates a whole batch: text encoding, sampling, VAE decoding. Methods are
 interleaved round by round (the order rotates) and the median over rounds is reported; UNet evaluations are
-counted by a hook on the UNet (samples per call, summed), so both pipelines are counted alike.
+counted by a hook on the UNet (samples per call, summed), so both pipelines are counted alike; backward passes (a
+slot's optimisation: SAIL's search, Wen's and Han's per-sample steps) as the slot reports them (unet_backward_before);
+`+backward` is the ratio of forward plus backward passes.
 
     python scripts/bench/sampling.py                         # tiny random components on the CPU, 50 steps
     python scripts/bench/sampling.py --sd15 --device cuda --dtype float16 --batch 8 --steps 50
@@ -45,12 +47,17 @@ def sampler(family: Family):
     return cls.from_config(family.scheduler.config)
 
 
+BACKWARD = [0]  # samples sent back through the denoiser by a slot's optimisation (its unet_backward_before)
+
+
 def memguard_generate(c: Family, schedule: GuidanceSchedule, prompts: list[str], seeds: list[int],
                       steps: int, trajectory: str = "full", baselines: Baselines | None = None) -> torch.Tensor:
     if baselines is not None and baselines.prompt is not None:
         prompts = [baselines.prompt(p, s, c.tokenizer) for p, s in zip(prompts, seeds)]
-    return generate_images(c, sampler(c), schedule, prompts, seeds, steps, baselines=baselines,
-                           trajectory=trajectory)[0]
+    images, traj = generate_images(c, sampler(c), schedule, prompts, seeds, steps, baselines=baselines,
+                                   trajectory=trajectory)
+    BACKWARD[0] += int(traj.info.get("unet_backward_before", torch.zeros(1)).sum())
+    return images
 
 
 def mitigation(name: str, family: Family, overrides: list[str]) -> tuple[GuidanceSchedule, Baselines] | None:
@@ -130,6 +137,7 @@ def main() -> None:
             methods[f"memguard {name}"] = lambda built=built: memguard_generate(components, built[0], prompts, seeds,
                                                                                 args.steps, baselines=built[1])
     evaluations = {name: 0 for name in methods}
+    backward = {name: 0 for name in methods}
     current = [""]
 
     def count(module: torch.nn.Module, args_: tuple) -> None:
@@ -145,23 +153,27 @@ def main() -> None:
             current[0] = name
             synchronize()
             start = time.perf_counter()
+            before = BACKWARD[0]
             with torch.no_grad():
                 method()
+            backward[name] += BACKWARD[0] - before
             synchronize()
             if round_:
                 seconds[name].append(time.perf_counter() - start)
 
     rate = {name: args.batch / statistics.median(times) for name, times in seconds.items()}
     per_image = {name: n / (args.batch * (args.rounds + 1)) for name, n in evaluations.items()}
+    back = {name: n / (args.batch * (args.rounds + 1)) for name, n in backward.items()}
     kind = "sd15-sized" if args.sd15 else f"tiny {args.family}"
     print(f"device={args.device} dtype={args.dtype} components={kind} "
           f"batch={args.batch} steps={args.steps} rounds={args.rounds} threads={args.threads}")
     for name, value in rate.items():
         spread = (min(seconds[name]), max(seconds[name]))
-        print(f"  {name:28s} {value:8.3f} images/s  {per_image[name]:6.1f} UNet evals/image   (per call: median "
+        print(f"  {name:28s} {value:8.3f} images/s  {per_image[name]:6.1f} UNet evals/image  {back[name]:6.1f} backward"
+              f"/image   (per call: median "
               f"{args.batch / value:.3f} s, min {spread[0]:.3f} s, max {spread[1]:.3f} s)")
     best = {name: args.batch / min(times) for name, times in seconds.items()}
-    print("ratios                                  images/s median   best   wall time   UNet evals")
+    print("ratios                                  images/s median   best   wall time   UNet evals   +backward")
     for label, a, b in (("memguard / diffusers (none)", "memguard none", "diffusers pipeline"),
                         ("dtp / none", "memguard dtp", "memguard none"),
                         ("og_dtp / none", "memguard og_dtp", "memguard none"),
@@ -172,7 +184,7 @@ def main() -> None:
                         *((f"{n.removeprefix('memguard ')} / none", n, "memguard none") for n in methods
                           if n.removeprefix("memguard ") in args.mitigations.split(","))):
         print(f"  {label:36s} {rate[a] / rate[b]:15.3f} {best[a] / best[b]:7.3f} {rate[b] / rate[a]:11.3f} "
-              f"{per_image[a] / per_image[b]:12.3f}")
+              f"{per_image[a] / per_image[b]:12.3f} {(per_image[a] + back[a]) / (per_image[b] + back[b]):11.3f}")
 
 
 
