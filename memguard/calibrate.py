@@ -34,7 +34,7 @@ from memguard.families import load_family
 from memguard.guidance import detection_score
 from memguard.metrics.detection import d_matrix
 from memguard.mitigations import Start
-from memguard.mitigations.calibration import model_identity, threshold_at
+from memguard.mitigations.calibration import model_identity, sampler_record, threshold_at
 from memguard.protocol import resolve_sampler
 from memguard.runner import build_scheduler, run
 from memguard.runs.folder import folder_lock
@@ -131,7 +131,7 @@ def calibrate(cfg: DictConfig, control_run: str | None = None) -> dict[str, Any]
               "score_quantiles": {q: float(np.quantile(scores, q)) for q in (0.05, 0.5, 0.95)},
               "default": OmegaConf.select(cfg, str(node.key)),
               "defaults": {k: OmegaConf.select(cfg, k) for k in (str(node.key), *scaled)},
-              "model": model_identity(cfg.model.path),
+              "model": model_identity(cfg.model.path), "sampler": sampler_record(cfg),
               "scenario": str(cfg.scenario.name), "seconds": round(time.perf_counter() - started, 3)}
     path = Path(node.file)
     path.parent.mkdir(parents=True, exist_ok=True)

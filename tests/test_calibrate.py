@@ -44,6 +44,11 @@ def test_sail_calibrated_on_the_tiny_model_searches_for_memorized_prompts(out: P
              for f in generations.file]
     assert any(moved), "after calibration SAIL keeps every image's own noise"
 
+    # ... and one scored at other timesteps (another number of steps) by a run, naming the fix
+    steps8 = [o if o != "sampler.steps=6" else "sampler.steps=8" for o in common]
+    with pytest.raises(UserError, match="sampler.steps=6, this run samples with .* sampler.steps=8"):
+        run(compose_config(["mitigation=sail", *steps8, "run_name=tiny/sail_steps8"]))
+
     # a calibration made for another model is refused by check and by a run, naming the fix
     path = out / "calibration" / "tiny" / "sail.json"
     other = json.loads(path.read_text())

@@ -57,6 +57,26 @@ def model_geometry(root: Path) -> dict[str, Any]:
     return out
 
 
+def sampler_record(cfg: DictConfig) -> dict[str, Any]:
+    """The sampler a calibration's scores were taken with: the scores are ``d``, losses or predictions at its
+    timesteps, so a run sampled otherwise is refused (:func:`check_sampler`)."""
+    return {"name": str(cfg.sampler.name), "steps": int(cfg.sampler.steps)}
+
+
+def check_sampler(calibration: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
+    """Refuse a run whose sampler differs from the one ``calibration`` (at ``path``) was scored with; ``auto``
+    (not yet resolved to a sampler) matches any name."""
+    made, here = calibration.get("sampler"), sampler_record(cfg)
+    if made is None:  # a file written before calibrations recorded their sampler
+        return
+    names = {made["name"], here["name"]} - {"auto"}
+    if made["steps"] != here["steps"] or len(names) > 1:
+        raise UserError(f"calibration {path} was scored with sampler={made['name']} sampler.steps={made['steps']}, "
+                        f"this run samples with sampler={here['name']} sampler.steps={here['steps']}: its threshold "
+                        f"is a value at other timesteps; sample as it did, or calibrate again with these settings: "
+                        f"memguard calibrate mitigation={calibration.get('mitigation')} sampler.steps={here['steps']}")
+
+
 def read_calibration(path: str | Path, model_path: str | Path) -> dict[str, Any]:
     """The calibration file at ``path``, refused if it was made for another model."""
     calibration = json.loads(Path(path).read_text())
@@ -78,6 +98,7 @@ def apply_calibration(cfg: DictConfig) -> dict[str, Any] | None:
     method, path = str(cfg.mitigation.name), node.get("file")
     if path and Path(path).is_file():
         calibration = read_calibration(path, cfg.model.path)
+        check_sampler(calibration, cfg, path)
         defaults, applied = calibration.get("defaults", {}), {}
         for key, value in calibration["values"].items():  # the calibrated key and those scaled with it
             current = OmegaConf.select(cfg, key)
