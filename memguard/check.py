@@ -197,10 +197,11 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
                                f"{texts[i][:60]!r}; each is generated (and scored) again")
     if model is not None and _class_conditional(cfg, model, texts, report):
         return loaded
-    tokenizer = _tokenizer(model)
-    # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens
-    long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS
-            and len(tokenizer(t, truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
+    # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens (so the
+    # tokenizer, and transformers, load only where a prompt may)
+    maybe_long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS]
+    tokenizer = _tokenizer(model) if maybe_long else None
+    long = [i for i in maybe_long if len(tokenizer(texts[i], truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
     if long:
         report.warnings.append(f"{len(long)} prompt(s) longer than {CLIP_TOKENS} CLIP tokens are truncated by the "
                                f"text encoder (prompt {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''})")
@@ -228,7 +229,7 @@ def _class_conditional(cfg: DictConfig, model: Path, texts: list[str], report: R
 def _tokenizer(model: Path | None) -> Any:
     """The model's own tokenizer, or the CLIP tokenizer (the same BPE) where the model folder is unusable."""
     if model is not None:
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer  # start-up: transformers loads only where a prompt is long enough
 
         try:
             return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
