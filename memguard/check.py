@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from safetensors import safe_open
 
 from memguard.components import FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder, clip_tokenizer
 from memguard.errors import UserError
@@ -92,8 +94,6 @@ def archive_problem(path: Path) -> str | None:
     archive, or a small legacy torch pickle that loads), else what is wrong. Reads no tensor data."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 return None if list(f.keys()) else "holds no tensors"
         if path.name.endswith(".index.json"):
@@ -107,7 +107,7 @@ def archive_problem(path: Path) -> str | None:
                 names = archive.namelist()
             return None if any(n.endswith("data.pkl") for n in names) else "is a zip file but not a torch archive"
         if path.stat().st_size < 512 * 2**20:  # an old-style torch pickle: small enough to load
-            import torch
+            import torch  # start-up: torch loads only to open a legacy weights pickle
 
             torch.load(path, map_location="cpu", weights_only=True)
             return None
@@ -240,8 +240,6 @@ def _tokenizer(model: Path | None) -> Any:
 
 def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
     """The reference folder: images present and their headers readable, each prompt's own subfolder."""
-    from PIL import Image
-
 
     try:
         files = reference_files(cfg.references)

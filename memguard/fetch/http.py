@@ -15,6 +15,7 @@ import requests
 
 from memguard.errors import UserError
 from memguard.fetch.manifest import sha256_of
+from memguard.fetch.sources import safe_join
 
 CHUNK = 2**20
 USER_AGENT = "memguard-fetch"
@@ -157,7 +158,6 @@ def archive_kind(path: Path) -> str | None:
 def unpack(archive: Path, kind: str, subfolder: str | None, dest: Path, key: str) -> list[Path]:
     """Unpack ``archive`` (zip or tar; auto: either, by its content) and move its ``subfolder`` (or the whole) to
     ``dest``; the files written. Members whose names would leave the folder are refused before anything is written."""
-    from memguard.fetch.sources import safe_join
 
     if kind == "auto":
         kind = archive_kind(archive)
