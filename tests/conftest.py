@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one torch (OpenMP) thread in every process the tests start too (memguard run, make, train): the workers already
+# fill the cores, and a second thread per process only spins waiting for its share of them
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
