@@ -22,13 +22,15 @@ $(RANDOM_MODEL): | $(MG)
 
 # the suite runs on every core (pytest-xdist), one test file per worker at a time (--dist loadfile): a file's tests
 # run in order on one worker, so its module fixtures are built once. (--dist loadgroup would place xdist_group
-# marks, but pytest-xdist 3.8 does not group under pytest 9, whose node ids it can no longer suffix.)
-# PYTEST_WORKERS=1: serial
+# marks, but pytest-xdist 3.8 does not group under pytest 9, whose node ids it can no longer suffix.) Files go out
+# in tests/conftest.py's order, the longest first (--no-loadscope-reorder: not by their number of tests).
+# PYTEST_WORKERS=1: serial; PYTEST_ARGS: more pytest options (--durations=20: the slowest tests)
 PYTEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(MG) $(RANDOM_MODEL)  ## run the test suite (on every core)
-	$(PYTEST)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits. Only the
 # units this CPU has: avx2, and avx512 where it has avx512 f, vl, bw and dq (the four torch asks for, pytorch
