@@ -22,13 +22,15 @@ $(RANDOM_MODEL): | $(MG)
 
 # the suite runs on every core (pytest-xdist), one test file per worker at a time (--dist loadfile): a file's tests
 # run in order on one worker, so its module fixtures are built once. (--dist loadgroup would place xdist_group
-# marks, but pytest-xdist 3.8 does not group under pytest 9, whose node ids it can no longer suffix.)
-# PYTEST_WORKERS=1: serial
+# marks, but pytest-xdist 3.8 does not group under pytest 9, whose node ids it can no longer suffix.) Files go out
+# in tests/conftest.py's order, the longest first (--no-loadscope-reorder: not by their number of tests).
+# PYTEST_WORKERS=1: serial; PYTEST_ARGS: more pytest options (--durations=20: the slowest tests)
 PYTEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(MG) $(RANDOM_MODEL)  ## run the test suite (on every core)
-	$(PYTEST)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # torch's CPU kernels are chosen by the vector unit (ATEN_CPU_CAPABILITY); results differ in the last bits. Only the
 # units this CPU has: avx2, and avx512 where it has avx512 f, vl, bw and dq (the four torch asks for, pytorch
@@ -73,10 +75,12 @@ MODEL_ARG = $(if $(FINETUNED_$*),model.path=$(OUTPUT_DIR)/finetune/$(FINETUNED_$
 ARGS ?=
 # the rows to run, where not all of a table's (its experiment's sweep): ROWS=none,stp for every table, ROWS_1 ...
 # ROWS_5 for one (a smoke test; the tables then hold those rows only)
+# the tables `make fetch` and `make reproduce` cover: all five, or TABLES="3 4" for some
+TABLES ?= 1 2 3 4 5
 ROWS_ARG = $(if $(or $(ROWS_$*),$(ROWS)),mitigation=$(or $(ROWS_$*),$(ROWS)))
 
 fetch: $(MG)  ## fetch every input of all five tables (what is missing only; HF_HUB_OFFLINE=0 for this step)
-	@status=0; for n in 1 2 3 4 5; do $(MAKE) --no-print-directory fetch-table$$n || status=2; done; exit $$status
+	@status=0; for n in $(TABLES); do $(MAKE) --no-print-directory fetch-table$$n || status=2; done; exit $$status
 
 fetch-table%: $(MG)
 	$(FETCH) experiment=table$* $(ARGS) $(ARGS_$*)
@@ -87,7 +91,7 @@ table1 table2 table3 table4 table5: table%: $(MG)  ## one paper table: fetch its
 	$(MG) run -m experiment=table$* $(MODEL_ARG) $(ROWS_ARG) $(ARGS) $(ARGS_$*)
 	$(MG) tables --output-dir $(OUTPUT_DIR)
 
-reproduce: table1 table2 table3 table4 table5  ## all five paper tables
+reproduce: $(addprefix table,$(TABLES))  ## all five paper tables
 
 tiny-table: $(MG)  ## every schedule and baseline on the embedded tiny model (CPU), tabulated
 	$(MG) run -m experiment=tiny_grid

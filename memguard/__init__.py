@@ -20,7 +20,7 @@ class _PatchBeforeTorchvision(MetaPathFinder):
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         if name == "torchvision":
             sys.meta_path.remove(self)
-            from memguard._compat import patch_torchvision  # imports torch: only once the torch stack loads
+            from memguard._compat import patch_torchvision  # start-up: imports torch, once the torch stack loads
 
             patch_torchvision()
         return None

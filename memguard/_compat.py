@@ -15,6 +15,7 @@ answer on such a machine. With a working torchvision nothing here runs.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,6 @@ _library: torch.library.Library | None = None
 
 def _extension_loads(spec: importlib.machinery.ModuleSpec) -> bool:
     """Whether torchvision's compiled ``_C`` library can be loaded into this process."""
-    from pathlib import Path
 
     if spec.submodule_search_locations is None:
         return False

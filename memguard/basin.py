@@ -20,9 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import Tensor
 
 from memguard.components import DTYPES, check_settings, load_scheduler, resolve_device
@@ -222,7 +225,6 @@ def basin(cfg) -> dict:
     seconds = time.perf_counter() - started
 
     # 4. Evaluate every branch with the scenario's metrics; copies; transitions
-    import pandas as pd
 
     rows = []
     for idx, seed in pairs:
@@ -264,8 +266,6 @@ def basin(cfg) -> dict:
 
 def transition_table(frame, records, starts: list[int], steps: int, tau: float):
     """One row per (prompt, seed): the empirical transition step beside DTP's and STP's switch steps."""
-    import pandas as pd
-
 
     rows = []
     for (idx, seed), branches in frame.groupby(["prompt_idx", "seed"], sort=False):
@@ -319,13 +319,10 @@ def write_strips(run_dir, frame, transitions, records, starts: list[int], steps:
     """``basin.png``: per (prompt, its first seed), up to ``max_rows``, the images by start step left to right (red
     frame: copy), the prefix's own image last, and under them ``d_t`` of the prefix with the empirical
     transition (green), DTP's switch (blue) and STP's (grey) marked."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
+    import matplotlib.pyplot as plt  # start-up: as above
 
     chosen = transitions.drop_duplicates("prompt_idx").head(max_rows)  # seeds differ by prompt (seed_scheme)
     n = len(starts)

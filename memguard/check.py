@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from safetensors import safe_open
 
 from memguard.components import FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder, clip_tokenizer
 from memguard.errors import UserError
@@ -94,8 +96,6 @@ def archive_problem(path: Path) -> str | None:
     archive, or a small legacy torch pickle that loads), else what is wrong. Reads no tensor data."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 return None if list(f.keys()) else "holds no tensors"
         if path.name.endswith(".index.json"):
@@ -109,7 +109,7 @@ def archive_problem(path: Path) -> str | None:
                 names = archive.namelist()
             return None if any(n.endswith("data.pkl") for n in names) else "is a zip file but not a torch archive"
         if path.stat().st_size < 512 * 2**20:  # an old-style torch pickle: small enough to load
-            import torch
+            import torch  # start-up: torch loads only to open a legacy weights pickle
 
             torch.load(path, map_location="cpu", weights_only=True)
             return None
@@ -199,10 +199,11 @@ def check_prompts(cfg: DictConfig, report: Report, model: Path | None) -> Any:
                                f"{texts[i][:60]!r}; each is generated (and scored) again")
     if model is not None and _class_conditional(cfg, model, texts, report):
         return loaded
-    tokenizer = _tokenizer(model)
-    # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens
-    long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS
-            and len(tokenizer(t, truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
+    # a BPE token covers at least one UTF-8 byte: a prompt of at most 75 bytes cannot exceed 77 tokens (so the
+    # tokenizer, and transformers, load only where a prompt may)
+    maybe_long = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 2 > CLIP_TOKENS]
+    tokenizer = _tokenizer(model) if maybe_long else None
+    long = [i for i in maybe_long if len(tokenizer(texts[i], truncation=False, verbose=False).input_ids) > CLIP_TOKENS]
     if long:
         report.warnings.append(f"{len(long)} prompt(s) longer than {CLIP_TOKENS} CLIP tokens are truncated by the "
                                f"text encoder (prompt {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''})")
@@ -230,7 +231,7 @@ def _class_conditional(cfg: DictConfig, model: Path, texts: list[str], report: R
 def _tokenizer(model: Path | None) -> Any:
     """The model's own tokenizer, or the CLIP tokenizer (the same BPE) where the model folder is unusable."""
     if model is not None:
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer  # start-up: transformers loads only where a prompt is long enough
 
         try:
             return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -241,8 +242,6 @@ def _tokenizer(model: Path | None) -> Any:
 
 def check_references(cfg: DictConfig, report: Report, prompts: Any) -> None:
     """The reference folder: images present and their headers readable, each prompt's own subfolder."""
-    from PIL import Image
-
 
     try:
         files = reference_files(cfg.references)

@@ -24,12 +24,16 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 import memguard
 from memguard.errors import UserError
@@ -63,7 +67,6 @@ LAUNCHER_PLUGINS = {
 def check_launcher(overrides: list[str]) -> None:
     """A ``hydra/launcher=`` whose plugin is not installed is a UserError naming the key and the extra to install
     (Hydra itself would only list the launchers it has)."""
-    import importlib.util
 
     for override in overrides:
         key, _, value = override.partition("=")
@@ -157,8 +160,7 @@ def command_help(name: str, overrides: list[str] | None = None, full: bool = Fal
     and the composed config (read here, from one composition: Hydra's page lists each group through a fresh
     config repository, seconds)."""
     from hydra import compose, initialize_config_dir  # start-up: Hydra loads only for the commands that compose
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    from hydra.core.global_hydra import GlobalHydra  # start-up: as above
 
     what, keys, example = COMMAND_HELP[name]
     GlobalHydra.instance().clear()
@@ -343,8 +345,6 @@ def _task(command: str) -> Callable[[Any], Any]:
     module, _, function = TASKS[command].partition(":")
 
     def task(cfg: Any) -> Any:
-        import importlib
-
         return getattr(importlib.import_module(module), function)(cfg)
 
     task.__name__ = function

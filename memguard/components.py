@@ -11,14 +11,18 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from omegaconf import DictConfig, OmegaConf
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from memguard.errors import UserError
+
+if TYPE_CHECKING:  # diffusers and transformers load in the functions that build or load networks (start-up: the
+    # folder checks and constants here serve `memguard check`, which loads no network)
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FOLDER_HELP = (
@@ -120,7 +124,9 @@ def load_components(path: str | Path, device: str | torch.device = "cpu", dtype:
                     key: str = "model.path") -> Components:
     """Load unet, vae, text encoder, tokenizer and scheduler from a local diffusers SD folder (no vae where
     ``model_index.json`` declares none: a pixel-space model such as the tiny scenario's)."""
-    from transformers.utils import logging as transformers_logging
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # start-up: as at the top
+    from transformers import CLIPTextModel, CLIPTokenizer  # start-up: as at the top
+    from transformers.utils import logging as transformers_logging  # start-up: as at the top
 
     folder = check_model_folder(path, key)
     transformers_logging.disable_progress_bar()
@@ -141,7 +147,7 @@ def load_components(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 def load_scheduler(folder: str | Path, key: str = "model.path") -> SchedulerMixin:
     """The folder's own scheduler class and config (e.g. PNDM for SD 1.4, DDIM for SD 2.1)."""
-    import diffusers
+    import diffusers  # start-up: as at the top
 
     folder = Path(folder).expanduser()
     if not (folder / "scheduler").is_dir():  # any family's folder (sd, sdxl, sd3, dit) has one
@@ -160,7 +166,8 @@ def clip_tokenizer(folder: str | Path | None = None, pad_token: str = "<|endofte
     It tokenizes exactly as SD 1.x's tokenizer (pad ``<|endoftext|>``; SD 2.x pads with ``!``), 77 tokens.
     If ``folder`` is given the tokenizer is also saved there (``save_pretrained``).
     """
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # start-up: open_clip for this function only
+    from transformers import CLIPTokenizer  # start-up: as at the top
 
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     byte_tokens = list(bytes_to_unicode().values())
@@ -184,6 +191,9 @@ def random_components(seed: int = 0, sample_size: int = 16, width: int = 32) -> 
     CLIP text encoder over the real CLIP vocabulary, SD's scaled-linear DDIM scheduler. Images are
     ``2 * sample_size`` pixels square. It has learnt nothing: its images are noise-like.
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # start-up: as at the top
+    from transformers import CLIPTextConfig, CLIPTextModel  # start-up: as at the top
+
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
@@ -209,6 +219,9 @@ def sd15_sized_random_components(seed: int = 0) -> Components:
 
     For benchmarks on a GPU: the compute of the real model, none of its knowledge.
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # start-up: as at the top
+    from transformers import CLIPTextConfig, CLIPTextModel  # start-up: as at the top
+
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(
@@ -227,6 +240,8 @@ def sd_scheduler(beta_schedule: str = "scaled_linear", prediction_type: str = "e
     """Stable Diffusion's scheduler config over 1000 steps: by default SD 1.x's scaled-linear betas 0.00085 ..
     0.012 and eps-prediction; ``squaredcos_cap_v2`` gives the cosine schedule (Nichol & Dhariwal) instead, and
     ``v_prediction`` SD 2.x-768's parameterisation."""
+    from diffusers import DDIMScheduler  # start-up: as at the top
+
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule, clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
@@ -243,7 +258,7 @@ def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL | None, text_encode
 
 def save_components(components: Components, folder: str | Path) -> Path:
     """Write ``components`` as a diffusers SD folder that :func:`load_components` and diffusers both read."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # start-up: as at the top
 
     pipe = StableDiffusionPipeline(
         **vars(components), safety_checker=None, feature_extractor=None, requires_safety_checker=False

@@ -16,7 +16,7 @@ def instantiate_checked(node: Any, key: str, *args: Any) -> Any:
     is; a ValueError, whose message starts with the parameter name (``tau=1200 is ...``), is prefixed with the
     config ``key`` so the message names the full key (``mitigation.schedule.tau=1200 is ...``).
     """
-    from hydra.utils import instantiate
+    from hydra.utils import instantiate  # start-up: Hydra's instantiate loads where a config is built, not for --help
 
     try:
         return instantiate(node, _partial_=True)(*args)

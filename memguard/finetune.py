@@ -17,10 +17,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from memguard.components import load_components, save_components
 from memguard.errors import UserError
+from memguard.metrics.similarity import load_images
 from memguard.procedural import read_jsonl
+from memguard.train import noised_and_target, tokenize
 
 IMAGENETTE = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
               "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
@@ -60,9 +64,7 @@ def captioned_images(data: str | Path, template: str | None = None) -> list[tupl
 
 def load_batch(pairs: list[tuple[Path, str]], resolution: int) -> torch.Tensor:
     """Images resized (shorter side, bilinear, antialias) and centre-cropped, in ``[-1, 1]``."""
-    from torchvision.transforms.v2 import functional as TF
-
-    from memguard.metrics.similarity import load_images
+    from torchvision.transforms.v2 import functional as TF  # start-up: torchvision loads only when a fine-tune runs
 
     images = [TF.center_crop(TF.resize(load_images([f]), [resolution], antialias=True), [resolution, resolution])
               for f, _ in pairs]
@@ -76,11 +78,7 @@ def latest_checkpoint(folder: Path) -> tuple[int, Path | None]:
 
 def finetune(cfg: Any) -> Path:
     """Fine-tune ``cfg.finetune.base_model``'s UNet on ``cfg.finetune.data``; return the saved model folder."""
-    from accelerate import Accelerator
-    from omegaconf import OmegaConf
-
-    from memguard.components import load_components, save_components
-    from memguard.train import noised_and_target, tokenize
+    from accelerate import Accelerator  # start-up: accelerate loads only when a fine-tune runs
 
     if cfg.get("finetune") is None:
         raise UserError(f"scenario={cfg.scenario.name} has no finetune section; fine-tunable: laion10k, laion100k, "

@@ -47,6 +47,7 @@ def check_compiler(device: torch.device) -> None:
         raise UserError(f"compile=true on {device} needs triton (torch.compile's GPU code generator); {fix}")
     if device.type == "cpu":
         try:
+            # start-up: inductor loads only where a compiler is checked
             from torch._inductor.cpp_builder import get_cpp_compiler
 
             get_cpp_compiler()

@@ -28,11 +28,13 @@ Its rows also record ``pattern`` and ``ink``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from memguard.errors import UserError
 
@@ -221,7 +223,6 @@ def write_dataset(folder: str | Path, seed: int = 0, size: int = 16, n_unique: i
                   n_shared: int = 2, repeats: int = 100, n_eval_unique: int = 8, caption_noise: float = 0.0,
                   design: str = "tiny", texture_amplitude: float = TEXTURE_AMPLITUDE) -> Path:
     """Write ``images/``, ``metadata.jsonl`` and ``prompts.jsonl`` into ``folder`` (which must not hold a dataset)."""
-    from PIL import Image
 
     root = Path(folder)
     if (root / "metadata.jsonl").exists():
@@ -261,9 +262,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def dataset_digest(folder: str | Path) -> str:
     """SHA-256 of ``metadata.jsonl`` and of every listed image's decoded pixels (not its PNG bytes, which
     depend on the encoder), in order: what a model trained on the dataset was trained on."""
-    import hashlib
-
-    from PIL import Image
 
     root = Path(folder)
     digest = hashlib.sha256((root / "metadata.jsonl").read_bytes())

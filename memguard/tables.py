@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from memguard.metrics.bootstrap import Above, Percentile, difference_interval
 from memguard.mitigations import SLOTS
@@ -363,7 +364,6 @@ def _short(target: Any) -> str:
 
 def run_protocol(run_dir: Path) -> str | None:
     """One line: the protocol a run folder's ``config.yaml`` (resolved) records, or None without one."""
-    from omegaconf import OmegaConf
 
     file = run_dir / "config.yaml"
     if not file.is_file():

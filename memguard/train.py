@@ -17,21 +17,29 @@ import json
 import math
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from omegaconf import OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from memguard.components import Components, clip_tokenizer, sd_scheduler
-from memguard.procedural import TEXTURE_AMPLITUDE
+from memguard.components import Components, clip_tokenizer, load_components, save_components, sd_scheduler
+from memguard.errors import UserError, instantiate_checked
+from memguard.metrics.alignment import save_attribute_net, train_attribute_net
+from memguard.metrics.similarity import embed_files, load_images, nearest_references
+from memguard.procedural import (
+    TEXTURE_AMPLITUDE, dataset_digest, random_images, read_jsonl, read_metadata, write_dataset,
+)
 from memguard.runs.folder import atomic_path, atomic_write_text
 
 
@@ -129,7 +137,6 @@ def _save_checkpoint(path: str | Path, state: dict[str, Any], generator: torch.G
 def _resume(path: str | Path, state: dict[str, Any], generator: torch.Generator, settings: TrainSettings,
             losses: list[float]) -> int:
     """Load a checkpoint written by :func:`_save_checkpoint` into ``state``; the step to go on from (0 if none)."""
-    from memguard.errors import UserError
 
     path = Path(path)
     if not path.is_file():
@@ -223,8 +230,6 @@ def train_denoiser(components: Components, images: Tensor, captions: Sequence[st
 def load_training_set(data_dir: str | Path) -> tuple[Tensor, list[str], list[int]]:
     """A captioned image folder (``metadata.jsonl`` with ``file_name``, ``text`` and optional ``repeats``) as
     images ``(N, 3, H, W)`` in ``[-1, 1]``, captions and repeat counts."""
-    from memguard.metrics.similarity import load_images
-    from memguard.procedural import read_jsonl
 
     root = Path(data_dir)
     rows = read_jsonl(root / "metadata.jsonl")
@@ -238,10 +243,6 @@ def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: 
     """The ``percentile`` of the similarity of ``n`` fresh procedural images (drawn with ``seed``, so never
     trained on) to their nearest training image: above it, a generation is closer to a training image than
     99% of new images are, i.e. a copy."""
-    import numpy as np
-
-    from memguard.metrics.similarity import embed_files, nearest_references
-    from memguard.procedural import random_images, read_metadata
 
     root = Path(data_dir)
     pixels, _ = random_images(n, seed, size, design, texture_amplitude)
@@ -252,8 +253,6 @@ def calibrate_copy_threshold(data_dir: str | Path, embedder: Any, size: int, n: 
 
 def _resumable_data(out: Path, data: dict[str, Any], model: dict[str, Any], init_from: str | Path | None) -> Path:
     """``out/data``, written unless an interrupted run of the same recipe (``out/recipe.json``) left it there."""
-    from memguard.errors import UserError
-    from memguard.procedural import write_dataset
 
     recipe = {"data": data, "model": model, "init_from": None if init_from is None else str(init_from)}
     if (out / "recipe.json").is_file():
@@ -280,11 +279,6 @@ def train_tiny(output_dir: str | Path, data: dict[str, Any], model: dict[str, An
     From nothing (``model`` builds :func:`tiny_components`), or, with ``init_from``, fine-tuning the trained
     folder there (the two-stage recipe: pre-train on a large diverse set, then fine-tune on a small one until
     it memorizes); ``model`` is then ignored and the record keeps the earlier stage's record under ``init``."""
-    import time
-
-    from memguard.components import load_components, save_components
-    from memguard.metrics.alignment import save_attribute_net, train_attribute_net
-    from memguard.procedural import dataset_digest
 
     out = Path(output_dir)
     if (out / "model").exists():
@@ -327,9 +321,6 @@ def train_from_config(cfg: Any) -> Path:
     """``memguard train scenario=tiny`` (or ``scenario=tiny_ft train=pretrain|finetune``, or ``scenario=tiny2
     train=tiny2_pretrain|tiny2_finetune``, the two-stage recipes in conf/train/): :func:`train_tiny` with the
     ``dataset`` and ``train`` keys; ``train.init_from`` fine-tunes."""
-    from omegaconf import OmegaConf
-
-    from memguard.errors import UserError, instantiate_checked
 
     if cfg.get("train") is None or cfg.get("dataset") is None:
         raise UserError(f"scenario={cfg.scenario.name} has no training recipe (train, dataset); "

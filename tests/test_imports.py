@@ -5,7 +5,8 @@
 A module imports only modules of its own layer or lower ones, counting the imports inside functions and under
 ``if TYPE_CHECKING:`` too (a deferred import hides an arrow from the interpreter, not from the reader); within a
 layer, no two modules import each other, directly or through others. A deferred import exists only to keep
-start-up fast (the CLI loads a task's module when the task runs). A package may import its own submodules
+start-up fast (the CLI loads a task's module when the task runs), and says so: ``# start-up: <why>`` on its line or
+the line above (``as above`` for the next ones of a group). A package may import its own submodules
 (``memguard.families`` loads the family adapters by name). A new module is placed by :data:`LAYERS` (a module no
 entry names fails the test: say where it belongs)."""
 
@@ -138,3 +139,31 @@ def test_no_two_modules_import_each_other() -> None:
 def test_the_cycle_check_finds_a_deferred_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+def deferred_imports_without_reason(source: str) -> list[int]:
+    """The lines of imports inside functions that carry no ``# start-up:`` reason (on their first line, or on a
+    comment line just above)."""
+    lines = source.splitlines()
+    found = set()
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+                if "# start-up: " not in line and not above.startswith("# start-up: "):
+                    found.add(node.lineno)
+    return sorted(found)
+
+
+def test_every_deferred_import_says_why() -> None:
+    missing = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
+               for line in deferred_imports_without_reason(path.read_text())]
+    assert missing == [], "an import inside a function needs '# start-up: <why>' (else import it at the top)"
+
+
+def test_the_reason_check_finds_a_bare_deferred_import() -> None:
+    source = ("import json\n\n\ndef f():\n    import torch  # start-up: torch for f only\n"
+              "    # start-up: as above\n    from PIL import Image\n    import pandas\n    return json\n")
+    assert deferred_imports_without_reason(source) == [8]

@@ -6,6 +6,7 @@ files have the authors' layouts (tests/fetch_servers.py, below): the LAION-10K f
 al.'s checkpoint folder holding ``checkpoint-20000/unet``, their memorized images beside ``.txt`` captions. The
 only inputs given by hand are the ones never published: Table 5's LAION-100k data (served as a stand-in, the
 `manual` sources overridden) and the Imagenette and LAION-100k fine-tunes (made by `memguard finetune`, 1 step).
+Tables 1-3 here, 4 and 5 in tests/test_reproduce_4_5.py (`TABLES`: two files, so two workers share them).
 The models are tiny, 2 sampling steps, 1 image a prompt, two rows a table (`ROWS_N`), no FID (its weights' fetch is tested in
 tests/test_fetch.py). What is not tested: Drive itself (its confirmation page
 and folder listing) and the real files (their layouts are read from the authors' code: docs/scenarios.md)."""
@@ -98,7 +99,8 @@ def make(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.Co
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_make_fetch_then_make_reproduce_on_stand_in_hosts(tiny_model_dir: Path, tmp_path: Path) -> None:
+def fetch_and_reproduce(tables: tuple[int, ...], tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`make fetch` (twice: the second fetches nothing) and `make reproduce`, for ``tables`` (``TABLES``)."""
     if not (ROOT / ".venv" / "bin" / "memguard").is_file() or shutil.which("make") is None:
         pytest.skip("needs `make install` (.venv/bin/memguard) and make")
     weights = write_metric_weights(tmp_path / "stand-in-weights")
@@ -144,37 +146,48 @@ def test_make_fetch_then_make_reproduce_on_stand_in_hosts(tiny_model_dir: Path, 
         rows = {1: "none,stp", 2: "none,interval", 3: "none,dtp", 4: "none,og_dtp", 5: "none,stp"}
         folders = {1: {"none", "stp_t500"}, 2: {"none", "interval_700_0"}, 3: {"none", "dtp"}, 4: {"none", "og_dtp"},
                    5: {"none", "stp_t500"}}
-        variables = [f"ARGS={' '.join(common)}", *(f"ARGS_{n}={' '.join(a)}" for n, a in per_table.items()),
+        variables = [f"TABLES={' '.join(map(str, tables))}", f"ARGS={' '.join(common)}",
+                     *(f"ARGS_{n}={' '.join(a)}" for n, a in per_table.items()),
                      *(f"ROWS_{n}={r}" for n, r in rows.items()),
                      f"OUTPUT_DIR={out}", "FINETUNE_STEPS_2=1", "FINETUNE_STEPS_5=1"]
 
         fetched = make("fetch", *variables, env=env)
         assert fetched.returncode == 0, fetched.stdout[-4000:] + fetched.stderr[-4000:]
         model = tmp_path / "models"
-        assert (model / "sd21-laion10k" / "model_index.json").is_file()  # the published fine-tune, fetched
-        assert (model / "sd14-wen-dup200" / "unet" / "config.json").is_file()  # assembled: Wen's UNet in SD 1.4
-        assert not (model / "sd21-laion10k-base").exists()
-        prompts = [json.loads(line) for line in (data / "wen_dup200" / "prompts.jsonl").read_text().splitlines()]
-        assert [p["caption"] for p in prompts] == [f"a duplicated photo {i}" for i in range(3)]
-        metadata = [json.loads(line) for line in (data / "laion10k" / "metadata.jsonl").read_text().splitlines()]
-        assert metadata[0] == {"file_name": "train/00000/000000000.jpg", "text": "a laion photo 0"}
         records = json.loads((model / "manifest.json").read_text())["sources"]["model"]
-        assert records[f"{u}/wen-checkpoint.zip"]["layout"] == "UNet into the base"
-        assert records["CompVis/stable-diffusion-v1-4"]["revision"] == SD14
+        if 1 in tables:
+            assert (model / "sd21-laion10k" / "model_index.json").is_file()  # the published fine-tune, fetched
+            assert not (model / "sd21-laion10k-base").exists()
+            metadata = [json.loads(line) for line in (data / "laion10k" / "metadata.jsonl").read_text().splitlines()]
+            assert metadata[0] == {"file_name": "train/00000/000000000.jpg", "text": "a laion photo 0"}
+        if 3 in tables:
+            assert (model / "sd14-wen-dup200" / "unet" / "config.json").is_file()  # assembled: Wen's UNet in SD 1.4
+            prompts = [json.loads(line) for line in (data / "wen_dup200" / "prompts.jsonl").read_text().splitlines()]
+            assert [p["caption"] for p in prompts] == [f"a duplicated photo {i}" for i in range(3)]
+            assert records[f"{u}/wen-checkpoint.zip"]["layout"] == "UNet into the base"
+        if {3, 4} & set(tables):
+            assert records["CompVis/stable-diffusion-v1-4"]["revision"] == SD14
 
         hits = sum(server.hits.values())
         again = make("fetch", *variables, env=env)  # a second `make fetch` fetches nothing
-        assert again.returncode == 0 and again.stdout.count("nothing to fetch") == 5, again.stdout + again.stderr
+        assert again.returncode == 0 and again.stdout.count("nothing to fetch") == len(tables), \
+            again.stdout + again.stderr
         assert sum(server.hits.values()) == hits
 
         reproduced = make("reproduce", *variables, env=env, timeout=1500)
         assert reproduced.returncode == 0, reproduced.stdout[-4000:] + reproduced.stderr[-4000:]
         assert "finetune experiment=table1" not in reproduced.stdout  # Table 1 runs on the published model
+        assert [f"experiment=table{n}" in reproduced.stdout for n in range(1, 6)] == [n in tables for n in range(1, 6)]
         import pandas as pd
 
-        for n in range(1, 6):  # five tables, the rows run (ROWS_N) with their numbers
+        for n in tables:  # the tables asked for, the rows run (ROWS_N) with their numbers
             frame = pd.read_csv(out / "tables" / f"table{n}.csv")
             table = frame[frame.Prompts == "all"]  # every row of the paper's table; those not run have no number
             done = table[table["Similarity (95pc)"].notna()]
             assert {run.split("/")[1] for run in done.run} == folders[n], (n, frame.to_string())
         assert sum(server.hits.values()) == hits  # nothing was fetched while reproducing
+
+
+def test_make_fetch_then_make_reproduce_on_stand_in_hosts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Tables 1-3 (tests/test_reproduce_4_5.py: Tables 4 and 5, on another worker)."""
+    fetch_and_reproduce((1, 2, 3), tiny_model_dir, tmp_path)

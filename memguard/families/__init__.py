@@ -29,6 +29,8 @@ The family of a model folder is read from its ``model_index.json`` (:func:`famil
 
 from __future__ import annotations
 
+import importlib
+import json
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -197,8 +199,6 @@ def _flow_matching(scheduler: SchedulerMixin) -> bool:
 
 
 def _family_class(name: str) -> type[Family]:
-    import importlib
-
     module, cls = FAMILIES[name]
     return getattr(importlib.import_module(module), cls)
 
@@ -249,8 +249,9 @@ def family_class(folder: str | Path, override: str | None = None, key: str = "mo
 def load_family(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 family: str | None = None, key: str = "model.path") -> Family:
     """Load a local diffusers model folder as its family's adapter, on ``device``; nothing is downloaded."""
+    # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
     from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging  # start-up: as above
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -280,6 +281,4 @@ def as_family(model: Any) -> Family:
     family."""
     if isinstance(model, Family):
         return model
-    from memguard.families.sd import SD
-
-    return SD(model)
+    return _family_class("sd")(model)

@@ -70,6 +70,7 @@ class DiT(Family):
         return out[:, :channels] if self.transformer.config.out_channels // 2 == channels else out
 
     def pipeline(self, scheduler: Any = None) -> Any:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import DiTPipeline
 
         pipe = DiTPipeline(self.transformer, self.vae, scheduler or self.scheduler, id2label=self.id2label)
@@ -82,6 +83,7 @@ class DiT(Family):
         diffusers commit 58eb52c): 2 layers, 2 heads of 8, learned variance (8 output channels), 1000 classes +
         the null class, DDIM scheduler with its defaults; here patch 2 over 8x8 latents of a small 2x VAE (16 px
         images; theirs: patch 4 over 16x16 latents of the default VAE) and ImageNet's class names."""
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
         torch.manual_seed(seed)
@@ -99,6 +101,7 @@ class DiT(Family):
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype = torch.float32) -> DiT:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import DiTPipeline
 
         try:
@@ -147,6 +150,6 @@ def class_id(prompt: str, labels: dict[str, int], n_classes: int) -> int:
 
 def imagenet_classes() -> list[str]:
     """ImageNet-1k's 1000 class names in class-id order (torchvision's list: the first name of each synset)."""
-    from torchvision.models import ResNet50_Weights
+    from torchvision.models import ResNet50_Weights  # start-up: torchvision loads only for ImageNet's class names
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

@@ -76,6 +76,7 @@ class SD(Family):
                                     return_dict=False)[0]
 
     def pipeline(self, scheduler: Any = None) -> Any:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(**{**vars(self.components), "scheduler": scheduler or self.scheduler},

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memguard.components import clip_tokenizer
 from memguard.errors import UserError
 from memguard.families import Conditions, Family, _flow_matching, null_entries
+from memguard.families.dit import imagenet_classes
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ class SD3(Family):
                             "shift, which memguard does not compute; set +sampler.scheduler.use_dynamic_shifting=false")
 
     def pipeline(self, scheduler: Any = None) -> Any:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline(
@@ -136,10 +139,10 @@ class SD3(Family):
         sentencepiece file); the CLIP encoders are 16 wide so their concatenation is T5's width (theirs, 64, is
         cropped to it by the pipeline's pad). 8x8 patches of 2 over 16x16 latents, 32 px images; SD3-medium's
         scheduler config (shift 3). ``t5=False``: without the third encoder (zeros, as diffusers allows)."""
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        # start-up: as above
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-        from memguard.components import clip_tokenizer
 
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
@@ -169,6 +172,7 @@ class SD3(Family):
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype = torch.float32) -> SD3:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import StableDiffusion3Pipeline
 
         try:
@@ -189,9 +193,7 @@ def t5_tokenizer(words: Iterable[str] | None = None) -> Any:
     ones), so any ASCII text tokenizes and ``</s>`` ends it, as T5's tokenizer does. It is not T5's vocabulary:
     a real SD3 folder brings its own ``tokenizer_3``.
     """
-    from transformers import T5Tokenizer
-
-    from memguard.families.dit import imagenet_classes
+    from transformers import T5Tokenizer  # start-up: transformers loads where a network is built or loaded
 
     if words is None:
         words = {w for name in imagenet_classes() for w in name.lower().replace("-", " ").split()}

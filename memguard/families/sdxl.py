@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memguard.components import clip_tokenizer
 from memguard.errors import UserError
 from memguard.families import Conditions, Family, null_entries
 
@@ -90,6 +91,7 @@ class SDXL(Family):
                          return_dict=False)[0]
 
     def pipeline(self, scheduler: Any = None) -> Any:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline(
@@ -107,10 +109,9 @@ class SDXL(Family):
         conditioning (time-embedding 8 per id, 6 ids + the 32-d pooled projection = 80), cross-attention 64 = two 32-d encoders; here with the real
         CLIP tokenizer (tokenizer_2 pads with ``!``, as SDXL's), 2-layer encoders, 16x16 latents of a 2x VAE
         (32 px images), SDXL's Euler scheduler config."""
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-        from memguard.components import clip_tokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # start-up: as above
 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -138,6 +139,7 @@ class SDXL(Family):
 
     @classmethod
     def load(cls, folder: Path, dtype: torch.dtype = torch.float32) -> SDXL:
+        # start-up: diffusers loads where a network is built or loaded, not where a folder is only read
         from diffusers import StableDiffusionXLPipeline
 
         try:

@@ -21,8 +21,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memguard.errors import UserError
-from memguard.fetch import manifest
-from memguard.fetch.http import FetchError, free_space, human
+from memguard.fetch import http, hub, manifest
+from memguard.fetch.assemble import plan as assembled_plan
+from memguard.fetch.derive import make
+from memguard.fetch.fetchers import fetch_from
+from memguard.fetch.http import FetchError, free_space, human, part_of
+from memguard.fetch.images import REPORT, fetch_list, jobs, read_dead
 from memguard.fetch.sources import check_node, destination, fills, locations, noted_size, nodes, origin, where
 
 
@@ -78,6 +82,7 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
 
 def missing(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | None:
     """Why the input is to be fetched (what ``memguard check`` reports of it), or None where it is usable."""
+    # start-up: check's model folder checks import torch
     from memguard.check import Report, archive_problem, check_model
 
     kind = node.get("kind")
@@ -92,7 +97,7 @@ def missing(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | No
     elif kind in ("hub", "url", "gdrive", "derived", "manual", "made") and (node.get("unpack") or node.get("folder")
                                                                  or target == "references"
                                                                  or (kind == "hub" and not node.get("file"))):
-        from memguard.evaluate import reference_files
+        from memguard.evaluate import reference_files  # start-up: evaluate imports torch and pandas
 
         if not dest.is_dir() or not any(p.is_file() for p in dest.rglob("*")):
             return f"{target}={str(dest)!r} is not a folder of files"
@@ -121,8 +126,6 @@ def url_file(cfg: DictConfig, key: str, node: DictConfig) -> Path:
 
 
 def _missing_images(cfg: DictConfig, key: str, node: DictConfig, dest: Path) -> str | None:
-    from memguard.fetch.images import REPORT, jobs, read_dead
-
     prompts = url_file(cfg, key, node)
     if not prompts.is_file():
         return "the prompt file, which holds the URLs, is not there yet"
@@ -177,7 +180,6 @@ def plan(cfg: DictConfig) -> tuple[list[Item], list[str], list[str]]:
 def describe(cfg: DictConfig, item: Item) -> None:
     """Fill ``item.files``: what will be downloaded, with the announced sizes (None: not announced). Where the
     host cannot be asked (offline, down), the size its note gives and ``item.unreachable`` (why)."""
-    from memguard.fetch import http, hub
 
     node, s = item.node, settings(cfg)
     try:
@@ -190,12 +192,8 @@ def describe(cfg: DictConfig, item: Item) -> None:
         elif item.kind == "derived":
             item.files = [(f"written from what sources.{node.get('from')} fetches", 0)]
         elif item.kind == "assembled":
-            from memguard.fetch.assemble import plan as assembled_plan
-
             item.files = assembled_plan(item.node)
         elif item.kind == "url_list":
-            from memguard.fetch.images import jobs
-
             prompts = url_file(cfg, item.key, node)
             if prompts.is_file():
                 urls = jobs(prompts, str(node.get("column", "url")), cfg.references_per_prompt)
@@ -236,13 +234,9 @@ def check_space(items: list[Item]) -> None:
 def fetch_item(cfg: DictConfig, item: Item) -> str:
     """Fetch one input from its source, else from each of its ``mirrors`` in turn (the same checksum rules: a
     location serving other bytes is refused, and the next is tried); a line saying what was done."""
-    from memguard.fetch.fetchers import fetch_from
-    from memguard.fetch.http import part_of
 
     s = settings(cfg)
     if item.kind == "derived":
-        from memguard.fetch.derive import make
-
         source = nodes(cfg).get(str(item.node.get("from")))
         folder = destination(cfg, str(item.node.get("from")), source) if source is not None else None
         if folder is None:
@@ -273,8 +267,6 @@ def fetch_item(cfg: DictConfig, item: Item) -> str:
 
 
 def _url_list(cfg: DictConfig, item: Item, node: DictConfig) -> str:
-    from memguard.fetch.images import fetch_list
-
     if cfg.references_per_prompt is None:
         raise UserError(f"sources.{item.key}.kind=url_list needs references_per_prompt (the prompt field naming each "
                         "prompt's folder)")

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from memguard.errors import UserError
-from memguard.fetch import manifest
+from memguard.fetch import http, hub, manifest
 from memguard.fetch.assemble import assemble
 from memguard.fetch.http import FetchError, archive_kind, check_hash, human, part_of, reason, unpack
 from memguard.fetch.sources import origin, where
@@ -21,7 +21,6 @@ from memguard.fetch.sources import origin, where
 def fetch_from(item: Any, node: DictConfig, s: dict[str, Any], url_list: Any = None) -> str:
     """Fetch ``item`` (a :class:`memguard.fetch.command.Item`) from ``node`` (its source or a mirror of it); the
     line saying what was done. ``url_list``: the callable that fetches a url_list source."""
-    from memguard.fetch import http, hub
 
     key, kind = item.key, str(node.kind)
     if kind == "hub":
@@ -68,7 +67,7 @@ def fetch_from(item: Any, node: DictConfig, s: dict[str, Any], url_list: Any = N
 
 def gdrive_file(node: DictConfig, target: Path, sha256: str | None, s: dict[str, Any]) -> str:
     """A Drive file (gdown: Drive's confirmation page, resume) into ``target``; its sha256."""
-    import gdown
+    import gdown  # start-up: gdown loads only for a Google Drive source
 
     out = target.with_name(target.name + ".gdown")
     try:
@@ -93,7 +92,7 @@ def gdrive_file(node: DictConfig, target: Path, sha256: str | None, s: dict[str,
 
 def gdrive_folder(item: Any, node: DictConfig, s: dict[str, Any]) -> str:
     """A Drive folder (gdown.download_folder) into a staging folder, renamed to the destination when whole."""
-    import gdown
+    import gdown  # start-up: gdown loads only for a Google Drive source
 
     staging = item.root / f".{item.dest.name}.gdrive"
     try:

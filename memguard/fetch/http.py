@@ -9,12 +9,14 @@ import shutil
 import tarfile
 import time
 import zipfile
+from fnmatch import fnmatch
 from pathlib import Path
 
 import requests
 
 from memguard.errors import UserError
 from memguard.fetch.manifest import sha256_of
+from memguard.fetch.sources import safe_join
 
 CHUNK = 2**20
 USER_AGENT = "memguard-fetch"
@@ -159,10 +161,6 @@ def unpack(archive: Path, kind: str, subfolder: str | None, dest: Path, key: str
     """Unpack ``archive`` (zip or tar; auto: either, by its content) and move its ``subfolder`` (or the whole) to
     ``dest``; the files written. Members whose names would leave the folder are refused before anything is written.
     ``members`` (glob patterns of member paths, ``fnmatch``): only the members that match are unpacked."""
-    from fnmatch import fnmatch
-
-    from memguard.fetch.sources import safe_join
-
     def wanted(name: str) -> bool:
         return members is None or any(fnmatch(name.rstrip("/"), pattern) for pattern in members)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def patterns(node: DictConfig) -> list[str] | None:
 
 
 def _errors(key: str, node: DictConfig, err: Exception) -> Exception:
-    from huggingface_hub.errors import (
+    from huggingface_hub.errors import (  # start-up: the hub client loads only where the hub is asked
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -57,12 +58,12 @@ def _errors(key: str, node: DictConfig, err: Exception) -> Exception:
 
 
 def _snapshot(key: str, node: DictConfig, revision: str | None, local_dir: Path, dry_run: bool) -> Any:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # start-up: the hub client loads only where the hub is asked
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError("HF_HUB_OFFLINE=1 is set, and memguard fetch needs the hub: run it with HF_HUB_OFFLINE=0")
-    from huggingface_hub.utils import disable_progress_bars
-    from huggingface_hub.utils import logging as hub_logging
+    from huggingface_hub.utils import disable_progress_bars  # start-up: as above
+    from huggingface_hub.utils import logging as hub_logging  # start-up: as above
 
     disable_progress_bars()  # memguard fetch says per input what it fetched
     hub_logging.set_verbosity_error()  # its retries are its own; what failed is said once, below
@@ -77,7 +78,6 @@ def _snapshot(key: str, node: DictConfig, revision: str | None, local_dir: Path,
 
 def plan(key: str, node: DictConfig, dest: Path, revision: str | None) -> list[tuple[str, int | None]]:
     """(file, bytes) of what a fetch would download."""
-    import tempfile
 
     local = dest.parent if node.get("file") else dest
     if local.exists():
@@ -91,7 +91,7 @@ def plan(key: str, node: DictConfig, dest: Path, revision: str | None) -> list[t
 def fetch(key: str, node: DictConfig, dest: Path, revision: str | None) -> tuple[str, list[Path]]:
     """Download into ``dest`` (a folder; with ``file``: that one file, renamed to ``dest``); the commit and the
     files written."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # start-up: the hub client loads only where the hub is asked
 
     if node.get("file"):
         staging = dest.with_name(f".{dest.name}.hub")

@@ -27,6 +27,7 @@ from PIL import Image
 from memguard.fetch import manifest
 from memguard.fetch.sources import safe_join
 from memguard.runs.folder import atomic_path
+from memguard.runs.prompt_files import Columns, read_prompts_file
 
 REPORT = "fetch_report.csv"
 MAX_BYTES = 64 * 2**20  # an image larger than this is refused (not a reference image)
@@ -47,7 +48,6 @@ def jobs(prompts_file: Path, column: str, key_field: str | None) -> list[Job]:
     """One job per URL of the prompt file's ``column`` (one URL, or a list of them: MemBench's ``urls``), the file
     read as ``prompts_file`` is (:func:`memguard.runs.prompt_files.read_prompts_file`: JSONL, CSV, parquet);
     ``key_field`` (references_per_prompt) names each prompt's folder, else the prompt's row index."""
-    from memguard.runs.prompt_files import Columns, read_prompts_file
 
     loaded = read_prompts_file(prompts_file, Columns(key=key_field))
     out: list[Job] = []

@@ -31,6 +31,7 @@ source whose key is null (not used by the config) is not fetched.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,6 @@ def locations(node: DictConfig) -> list[DictConfig]:
 
 def noted_size(node: DictConfig) -> int | None:
     """The size a node's note gives ("about 5.2 GB"), in bytes; None where it gives none."""
-    import re
 
     match = re.search(r"about ([\d.]+) ?(kB|KB|MB|GB|TB)", str(node.get("note") or ""))
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)]) if match else None

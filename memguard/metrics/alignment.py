@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
-from memguard.procedural import ATTRIBUTES, DESIGNS, TEXTURE_AMPLITUDE
+from memguard.procedural import ATTRIBUTES, DESIGNS, TEXTURE_AMPLITUDE, random_images
 
 OPEN_CLIP_HELP = ("open_clip weights are a local file: e.g. the open_clip_pytorch_model.bin of "
                   "laion/CLIP-ViT-g-14-laion2B-s12B-b42K (model ViT-g-14) or of laion/CLIP-ViT-B-16-laion2B-s34B-b88K "
@@ -48,7 +48,7 @@ class ClipScorer(Scorer):
 
     def __init__(self, model: str, path: str | Path, device: str | torch.device = "cpu",
                  model_config: str | Path | None = None, key: str = "metrics.alignment.path") -> None:
-        import open_clip
+        import open_clip  # start-up: open_clip loads only for a CLIP score
 
         device = resolve_device(device)
         if model_config is not None:
@@ -71,6 +71,7 @@ class ClipScorer(Scorer):
         self.transform = self.preprocess  # files: each PIL image through the model's own preprocessing
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        # start-up: torchvision loads only for a CLIP score
         from torchvision.transforms.v2.functional import to_pil_image
 
         return self.score(torch.stack([self.preprocess(to_pil_image(im.clamp(0, 1))) for im in images]), prompts)
@@ -112,7 +113,6 @@ def train_attribute_net(n_train: int = 20000, n_test: int = 2000, seed: int = 12
     """Train an :class:`AttributeNet` on fresh procedural images of ``design`` (their labels come with them),
     one head per attribute its captions name, and measure its per-attribute accuracy on ``n_test`` further
     images it never saw."""
-    from memguard.procedural import random_images
 
     attributes = DESIGNS[design]
 

@@ -132,10 +132,10 @@ def group_summaries(settings: Detection, generations: pd.DataFrame, labels: np.n
 
 
 def write_roc(path: Path, scores: dict[str, np.ndarray], labels: np.ndarray, source: str, steps: int) -> None:
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as above
 
     names = {"detection_first": "sqrt(d) at step 0 (Wen et al.)", "detection_mean": f"mean sqrt(d), steps 0-{steps - 1}",
              "d_fall": "fall of d_t after its peak"}

@@ -17,6 +17,8 @@ takes two whole feature matrices. Feature extractors, each named in the output:
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +27,11 @@ from torch import Tensor
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
-from memguard.metrics.images import to_uint8_tensor
+from memguard.metrics.alignment import load_attribute_net
+from memguard.metrics.images import (
+    SKIP_FIX, Unreadable, apply_by_shape, embed_of, image_batches, to_uint8_tensor, transform_of,
+)
+from memguard.metrics.similarity import files_digest
 
 INCEPTION_HELP = ("the FID Inception weights are a local file: weights-inception-2015-12-05-6726825d.pth from "
                   "https://github.com/toshas/torch-fidelity/releases (v0.2.0), the TensorFlow FID network converted")
@@ -48,6 +54,7 @@ class InceptionFeatures:
     kind = "fid"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", key: str = "metrics.fid.path") -> None:
+        # start-up: torch-fidelity loads only for Inception
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         device = resolve_device(device)
@@ -94,8 +101,6 @@ class AttributeFeatures:
     kind = "fid_attributes"
 
     def __init__(self, path: str | Path, key: str = "metrics.fid.path") -> None:
-        from memguard.metrics.alignment import load_attribute_net
-
         self.net, _ = load_attribute_net(path, key)
         self.name = f"attributes[{Path(path).name}, penultimate 128]"
 
@@ -127,14 +132,13 @@ def streaming_fid(num_features: int):  # -> torchmetrics.image.fid.FrechetIncept
     """torchmetrics' ``FrechetInceptionDistance`` over features given to ``update``: it holds ``n``, ``sum x`` and
     ``sum x x^T`` per side in float64 (``D x D``: 32 MB for Inception's 2048), never the features themselves, and
     its ``compute`` is the formula above (``torchmetrics/image/fid.py``, ``_compute_fid``)."""
+    # start-up: torchmetrics loads only when FID is computed
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(feature=_Given(num_features), reset_real_features=False)
 
 
 def _stream(metric, files: list[Path], features, real: bool, batch_size: int, num_workers: int, unreadable):
-    from memguard.metrics.images import apply_by_shape, embed_of, image_batches, transform_of
-
     transform, embed = transform_of(features), embed_of(features)
     for _, tensors in image_batches(files, transform, batch_size, num_workers, unreadable):
         batch = apply_by_shape(embed, tensors).double()
@@ -154,11 +158,6 @@ def fid_of_files(generated: list[Path], references: list[Path], features, cache_
     once per extractor. Unreadable files: as :func:`memguard.metrics.similarity.embed_files` (one error listing
     them all, or, with ``skipped`` a list, left out and appended to it).
     """
-    import hashlib
-    import os
-
-    from memguard.metrics.images import SKIP_FIX, Unreadable
-    from memguard.metrics.similarity import files_digest
 
     metric, cache_file = None, None
     if cache_dir is not None:

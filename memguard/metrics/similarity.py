@@ -115,6 +115,7 @@ class SSCDEmbedder(Embedder):
     def preprocess(self, images: Tensor) -> Tensor:
         """torchvision ``Resize(resize)`` (shorter side, bilinear, antialias), ``CenterCrop(crop)`` for ``dcr``,
         ``Normalize(mean, std)``, on ``(B, 3, H, W)`` tensors in ``[0, 1]``."""
+        # start-up: torchvision loads only where images are resized
         from torchvision.transforms.v2 import functional as TF
 
         resize, crop, mean, std = SSCD_PREPROCESSING[self.mode]
@@ -138,7 +139,7 @@ def sscd_transform(mode: str) -> Callable[[Image.Image], Tensor]:
     ``Normalize([0.5], [0.5])``) on ``Image.open(f).convert("RGB")`` (line 105); ``official`` is
     ``Resize(288)``, ``ToTensor()``, ImageNet ``Normalize`` (sscd-copy-detection README), whose images keep
     their aspect ratio (a batch of mixed shapes is embedded per shape)."""
-    from torchvision import transforms
+    from torchvision import transforms  # start-up: torchvision loads only for SSCD's preprocessing
 
     resize, crop, mean, std = SSCD_PREPROCESSING[mode]
     steps = [transforms.Resize(resize)] + ([transforms.CenterCrop(crop)] if crop is not None else [])

@@ -257,6 +257,7 @@ def _digest(texts: Sequence[str]) -> str:
 def ms_ssim(a: Tensor, b: Tensor, settings: Settings) -> Tensor:
     """Per sample MS-SSIM of two ``(N, C, h, w)`` batches, torchmetrics' as their code calls it (``detection``
     l. 122: ``kernel_size=11``, which its gaussian kernel takes from sigma 1.5, ``betas=(0.33,)*3``)."""
+    # start-up: torchmetrics loads only when a prompt is localized
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
     kernel = int(3.5 * settings.ssim_sigma + 0.5) * 2 + 1
@@ -284,7 +285,7 @@ class NoiseDiffs:
 
     def __init__(self, family: Any, prompt: str, settings: Settings, size: int | None = None,
                  batch_size: int = 16) -> None:
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler  # start-up: diffusers loads only when a prompt is localized
 
         self.family, self.settings, self.batch_size = family, settings, batch_size
         scheduler = DDIMScheduler.from_config(family.scheduler.config)  # theirs: the model's DDIM config

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.runs.folder import Record, atomic_write_text
@@ -57,8 +58,6 @@ def baseline_summary(records: list[Record]) -> dict[str, Any]:
 
 
 def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None:
-    import pandas as pd
-
     atomic_write_text(run_dir / "trajectories.csv", pd.DataFrame([
         {"prompt_idx": r.prompt_idx, "seed": r.seed, "step": k, "timestep": t, "d": d, "scale": s,
          "norm_c": r.norm_c[k] if r.norm_c else None, "norm_u": r.norm_u[k] if r.norm_u else None}
@@ -77,10 +76,10 @@ def write_tables(run_dir: Path, records: list[Record], prompts: Prompts) -> None
 def write_figures(run_dir: Path, records: list[Record], max_rows: int = 8, max_cols: int = 8) -> None:
     """``grid.png`` (rows: prompts, columns: each prompt's images by seed), ``d_curves.png`` (d_t and s per step, every image),
     ``norms.png`` (where the norms were recorded) and ``report.html``."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as above
 
     write_grid(run_dir, max_rows, max_cols)  # from generations.csv, written first by write_tables
     fig, (ax_d, ax_s) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))

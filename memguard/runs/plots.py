@@ -37,10 +37,10 @@ def load_norms(run_dir: Path) -> pd.DataFrame:
 
 def plot_norms(run_dirs: list[Path], output: Path | None = None) -> Path:
     """Draw the figure for ``run_dirs`` side by side; returns its path (default ``run_dirs[0]/norms.png``)."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as above
 
     tables = [load_norms(Path(r)) for r in run_dirs]
     groups = list(dict.fromkeys(g for t in tables for g in t.group))
@@ -110,10 +110,10 @@ def plot_tradeoff(frame: pd.DataFrame, path: Path, title: str, copies: str, alig
     its ``_lo`` / ``_hi`` intervals as error bars, one panel per prompt group (``frame[group]``); runs of one
     sweep (:func:`sweeps` of the run names ``frame[run]``) joined by a line, ``none`` a black star. Written to
     ``path`` (PNG); returns the points drawn (panel, label, run, x, y), or None (no figure) where no row has both."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as above
 
     if copies not in frame or alignment not in frame:
         return None

@@ -215,7 +215,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]], 
 
 def _plain(value: Any) -> Any:
     """A parquet value as plain Python: arrays as lists, numpy scalars as numbers, NaN and NA as None."""
-    import pandas as pd
+    import pandas as pd  # start-up: pandas loads only for a CSV or parquet prompt file
 
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         value = value.tolist()
@@ -229,7 +229,7 @@ def _plain(value: Any) -> Any:
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    import pandas as pd
+    import pandas as pd  # start-up: pandas loads only for a CSV or parquet prompt file
 
     try:
         frame = pd.read_parquet(path)

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from memguard.errors import UserError
@@ -190,7 +191,6 @@ def draw_prompts(loaded: Prompts, draw: DictConfig | None) -> Prompts:
     prompt, a repeated one included, gets its own prompt index, so file names and seeds stay deterministic."""
     if draw is None:
         return loaded
-    import numpy as np
 
     count, seed, replace_ = draw.get("count"), draw.get("seed", 0), bool(draw.get("replace", True))
     if not isinstance(count, int) or count < 1 or (not replace_ and count > len(loaded.texts)):

@@ -51,11 +51,11 @@ def _reference_root(run_dir: Path) -> Path | None:
 
 def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
     """``grid.png`` from ``generations.csv`` (and ``metrics.json``'s copy threshold when evaluated)."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    import matplotlib.pyplot as plt  # start-up: as above
+    from matplotlib.patches import Rectangle  # start-up: as above
 
     gens = pd.read_csv(run_dir / "generations.csv")
     metrics_file = run_dir / "metrics.json"
