@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -80,8 +81,6 @@ def slot_scores(cfg: DictConfig, slot: str, groups: list[str]) -> np.ndarray:
 def detection_scores(cfg: DictConfig, groups: list[str], control_run: str | None = None) -> tuple[np.ndarray, str]:
     """Wen et al.'s score over steps ``0..detect_step`` of the control images of a standard-CFG run (made or
     resumed in its ordinary folder, ``runs/<scenario>/none``, or the run name ``control_run``), and that folder."""
-    import pandas as pd
-
     with open_dict(cfg):
         none = cfg.copy()
     none.mitigation = OmegaConf.create({"name": "none", "schedule": {"_target_": "memguard.guidance.Constant",

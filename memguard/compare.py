@@ -45,7 +45,7 @@ def compose_with(overrides: list[str]) -> DictConfig:
     """The root config under ``overrides``: inside the Hydra app (``memguard compare``) from its config repository,
     else from memguard's config folder."""
     from hydra import compose, initialize_config_dir  # start-up: as in memguard.cli
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.global_hydra import GlobalHydra  # start-up: as above
 
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=overrides)
@@ -55,7 +55,7 @@ def compose_with(overrides: list[str]) -> DictConfig:
 
 def user_overrides() -> list[str]:
     """The command line's overrides (inside the Hydra app), less the mitigation and Hydra's own keys."""
-    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig  # start-up: as in memguard.cli
 
     if not HydraConfig.initialized():
         return []

@@ -60,7 +60,7 @@ class AestheticScorer:
 
     def __init__(self, path: str | Path, clip_path: str | Path, clip_model: str = "ViT-L-14-quickgelu",
                  device: str | torch.device = "cpu", model_config: str | Path | None = None) -> None:
-        import open_clip
+        import open_clip  # start-up: only for the score
 
         device = resolve_device(device)
         self.head = load_head(path).to(device)

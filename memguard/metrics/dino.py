@@ -35,7 +35,7 @@ DINO_HELP = ("DINOv2 is a local folder (config.json, model.safetensors) of faceb
 def dino_transform(resize: int = 256, crop: int = 224):
     """The DINOv2 image processor's steps on one PIL image: bicubic resize of the shorter side, centre crop,
     ``ToTensor``, ImageNet normalisation."""
-    from torchvision import transforms
+    from torchvision import transforms  # start-up: only for DINO
 
     return transforms.Compose([transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
                                transforms.CenterCrop(crop), transforms.ToTensor(),
@@ -47,7 +47,7 @@ class DinoEmbedder(Embedder):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", resize: int = 256, crop: int = 224,
                  threshold: float = 0.5, calibrated: bool = False, key: str = "metrics.dino.path") -> None:
-        from transformers import Dinov2Model
+        from transformers import Dinov2Model  # start-up: transformers: networks only
 
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
@@ -69,6 +69,6 @@ class DinoEmbedder(Embedder):
         return F.normalize(self.model(pixel_values=pixels.to(self.device)).pooler_output.float().cpu(), dim=1)
 
     def __call__(self, images: Tensor) -> Tensor:
-        from torchvision.transforms.v2.functional import to_pil_image
+        from torchvision.transforms.v2.functional import to_pil_image  # start-up: as above
 
         return self.embed(torch.stack([self.transform(to_pil_image(x.clamp(0, 1))) for x in images]))

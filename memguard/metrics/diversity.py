@@ -26,6 +26,7 @@ from __future__ import annotations
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -41,8 +42,6 @@ ALEX_SLICES = ((1, range(0, 2)), (2, range(2, 5)), (3, range(5, 8)), (4, range(8
 
 def to_signed_tensor(image: Image.Image) -> Tensor:
     """``(3, H, W)`` in ``[-1, 1]``, ``x / 127.5 - 1`` at the image's own size (``lpips.im2tensor``)."""
-    import numpy as np
-
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
@@ -53,7 +52,7 @@ class LpipsDistance:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", min_size: int = 64,
                  key: str = "metrics.diversity.path") -> None:
-        from torchmetrics.functional.image.lpips import _LPIPS
+        from torchmetrics.functional.image.lpips import _LPIPS  # start-up: only for LPIPS
 
         file = Path(path).expanduser()
         if not file.is_file():
@@ -79,7 +78,7 @@ class LpipsDistance:
     @torch.no_grad()
     def features(self, image: Tensor) -> list[Tensor]:
         """The five unit-normalised feature maps of one ``(3, H, W)`` image in ``[-1, 1]``."""
-        from torchmetrics.functional.image.lpips import _normalize_tensor
+        from torchmetrics.functional.image.lpips import _normalize_tensor  # start-up: as above
 
         x = image[None].to(self.device)
         if min(x.shape[-2:]) < self.min_size:

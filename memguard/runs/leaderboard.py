@@ -204,10 +204,10 @@ CPU ({timing.get('wall_seconds')} s wall) in the run that wrote this page.</p>
 def plot_tradeoff(path: Path, points: pd.DataFrame, board: pd.DataFrame, budget: float) -> None:
     """Copies (similarity p95, copy fraction) against alignment (control, memorized prompts), one line per method
     through its points (held-out seeds) with intervals; the operating points ringed, the budget dashed."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as above
 
     held = points[points.split == "held_out"]
     chosen = set(zip(board.method, board.point))

@@ -20,6 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from PIL import Image
 
+from memguard.metrics.agreement import verdicts
 from memguard.runs.summary import interval_note, measured_with, run_summary, with_interval
 
 NUMBER_CELL = re.compile(r"^-?\d[\d.]* \[")
@@ -112,8 +113,6 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
 def disagreements(run_dir: Path) -> pd.DataFrame | None:
     """The images the similarity embedder (SSCD) calls a copy and DINO not, or the reverse
     (memguard.metrics.agreement), most confident first; None where the run has not both scores."""
-    from memguard.metrics.agreement import verdicts
-
     metrics_file, gens_file = run_dir / "metrics.json", run_dir / "generations.csv"
     if not metrics_file.is_file() or not gens_file.is_file():
         return None
@@ -130,10 +129,10 @@ def disagreements(run_dir: Path) -> pd.DataFrame | None:
 def write_agreement(run_dir: Path, max_rows: int = 8) -> Path | None:
     """``agreement.png``: per disagreeing image (at most ``max_rows``) the image, the similarity embedder's
     nearest reference and DINO's, with both scores and verdicts; removed (None) where they agree on every image."""
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: as above
 
     path = run_dir / "agreement.png"
     rows = disagreements(run_dir)
