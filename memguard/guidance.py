@@ -232,9 +232,8 @@ def detection_score(d: Tensor, steps: int = 1) -> Tensor:
     return d[:, :steps].clamp(min=0).sqrt().mean(dim=1)
 
 
-def read_calibration(path: str | None, detect_step: int) -> dict:
-    """What ``memguard calibrate`` wrote to ``path`` (JSON): its ``threshold`` for the same ``detect_step`` and,
-    where recorded, the ``timesteps`` of steps ``0..detect_step`` it was measured at."""
+def calibrated_threshold(path: str | None, detect_step: int) -> float:
+    """The threshold ``memguard calibrate`` wrote to ``path`` (JSON), for the same ``detect_step``."""
     if path is None or not Path(path).is_file():
         raise UserError(f"mitigation.auto.threshold is not set and no calibration exists at "
                         f"mitigation.auto.calibration={path}; give mitigation.auto.threshold=X, or calibrate it: "
@@ -243,7 +242,7 @@ def read_calibration(path: str | None, detect_step: int) -> dict:
     if calibration.get("detect_step") != detect_step:
         raise UserError(f"mitigation.auto.calibration={path} was made for detect_step={calibration.get('detect_step')}, "
                         f"not mitigation.auto.detect_step={detect_step}; calibrate again with --detect-step {detect_step}")
-    return calibration
+    return float(calibration["threshold"])
 
 
 class Auto(GuidanceSchedule):
@@ -261,10 +260,8 @@ class Auto(GuidanceSchedule):
 
     def __init__(self, inner: GuidanceSchedule, scale: float, threshold: float | None, detect_step: int = 0,
                  calibration: str | None = None) -> None:
-        self.calibration, self.calibrated_at = calibration, None  # the calibration's timesteps, where it has them
         if threshold is None:
-            calibrated = read_calibration(calibration, detect_step)
-            threshold, self.calibrated_at = float(calibrated["threshold"]), calibrated.get("timesteps")
+            threshold = calibrated_threshold(calibration, detect_step)
         _check_non_negative("scale", scale)
         _check_non_negative("threshold", threshold)
         if not isinstance(detect_step, int) or detect_step < 0:
@@ -276,12 +273,6 @@ class Auto(GuidanceSchedule):
         return detection_score(d, self.detect_step + 1) > self.threshold
 
     def __call__(self, step: int, timestep: float, d: Tensor) -> Tensor:
-        if (self.calibrated_at is not None and step <= self.detect_step
-                and abs(float(timestep) - self.calibrated_at[step]) > 1e-3):
-            raise UserError(f"mitigation.auto.calibration={self.calibration} was measured with step {step} at "
-                            f"timestep {self.calibrated_at[step]:g}, this run's is at {float(timestep):g} (another "
-                            "sampler or number of steps): the score is another score; sample as the calibration run "
-                            "did, calibrate on a run with these sampler settings, or give mitigation.auto.threshold=X")
         cfg = self._full(d, self.scale)
         if step < self.detect_step:
             return cfg

@@ -90,3 +90,20 @@ def test_nemo_localize_reads_its_calibrated_thresholds_for_this_model_only(tmp_p
     path.write_text(json.dumps({"mitigation": "nemo", "values": values, "model": {"sha256": "0" * 64}}))
     with pytest.raises(UserError, match="calibrate again"):
         apply_nemo_calibration(compose_config([f"nemo.calibration={path}"]))
+
+
+def test_a_run_folder_calibration_of_auto_is_refused_under_another_sampler(tmp_path: Path) -> None:
+    """`memguard calibrate RUN_DIR` records the run's sampler (its config.yaml); `auto` reading that file (no
+    threshold given) is refused when sampled with other steps, as a `memguard calibrate mitigation=X` file is."""
+    from memguard.metrics.detection import calibrate as calibrate_run
+    from memguard.mitigations.calibration import apply_calibration
+
+    common = [f"paths.output_dir={tmp_path}", *FAST]
+    run(compose_config(["mitigation=none", *common]))
+    made = calibrate_run(tmp_path / "runs" / "tiny" / "none", fpr=0.1, groups=["unique"])
+    assert made["sampler"] == {"name": "dpm", "steps": 6}
+    apply_calibration(compose_config(["mitigation=auto", *common]))  # the same sampler: accepted
+    steps8 = [o if o != "sampler.steps=6" else "sampler.steps=8" for o in common]
+    with pytest.raises(UserError, match="sampler=dpm sampler.steps=6, this run samples with .* sampler.steps=8"):
+        apply_calibration(compose_config(["mitigation=auto", *steps8]))
+    apply_calibration(compose_config(["mitigation=auto", *steps8, "mitigation.auto.threshold=0.5"]))  # given: kept

@@ -130,20 +130,6 @@ def test_auto_without_threshold_or_calibration_names_the_key(tmp_path) -> None:
         Auto(Constant(7.5), 7.5, threshold=None, detect_step=3, calibration=str(tmp_path / "c.json"))
 
 
-def test_auto_refuses_a_run_sampled_at_other_timesteps_than_its_calibration(tmp_path) -> None:
-    """The score at step 0 is ``d`` at that step's timestep: a calibration made with 50 steps (first timestep 951)
-    says nothing of a run with 4 (first timestep 751), so that run is refused, naming the fix."""
-    from memguard.errors import UserError
-
-    (tmp_path / "c.json").write_text('{"threshold": 2.5, "detect_step": 0, "timesteps": [951.0]}')
-    auto = Auto(Constant(7.5), 7.5, threshold=None, calibration=str(tmp_path / "c.json"))
-    d = torch.tensor([[9.0], [1.0]])
-    assert auto(0, 951.0, d).tolist() == [7.5, 7.5] and auto(1, 751.0, torch.ones(2, 2)).shape == (2,)
-    with pytest.raises(UserError, match="step 0 at timestep 951, this run's is at 751 .* calibrate on a run"):
-        auto(0, 751.0, d)
-    assert Auto(Constant(7.5), 7.5, threshold=2.5, calibration=str(tmp_path / "c.json"))(0, 751.0, d).shape == (2,)
-
-
 def test_dtp_margin_names_a_near_tie() -> None:
     from tests.numerics import TIE, assert_away_from_dtp_ties, dtp_margin
 

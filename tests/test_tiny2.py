@@ -178,7 +178,7 @@ def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
 def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path) -> None:
     """The shipped model (models/tiny2, no training): `memguard run scenario=tiny2 mitigation=auto` reads the
     calibration the scenario names (the model folder's calibration.json) and decides each image by it, flagging
-    trigger captions more often than unique ones; a run at other timesteps than the calibration's is refused;
+    trigger captions more often than unique ones; a run sampled otherwise than the calibration is refused;
     `memguard basin scenario=tiny2` maps it. Two images a prompt: the CI smoke of the second miniature."""
     out = tmp_path / "outputs"
     common = ["scenario=tiny2", f"paths.output_dir={out}", "progress=false"]
@@ -191,7 +191,7 @@ def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path
     flagged = gens.groupby("group").decision.apply(lambda d: (d == "mitigated").mean())
     assert flagged["trigger"] > flagged["unique"]  # the shipped detector separates what the model memorized
     result = memguard("run", *common, "mitigation=auto", "debug=default", cwd=tmp_path)  # 4 steps: other timesteps
-    assert result.returncode != 0 and "calibrate on a run with these sampler settings" in result.stderr
+    assert result.returncode != 0 and "sampler.steps=50, this run samples with" in result.stderr
     result = memguard("basin", *common, "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(out / "basin" / "tiny2" / "basin.csv")) == 14 * 2

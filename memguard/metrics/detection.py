@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
 from memguard.errors import UserError
 from memguard.guidance import detection_score
@@ -162,11 +164,18 @@ def threshold_at(scores: np.ndarray, fpr: float) -> float:
     return float(ordered[int(np.floor(fpr * len(ordered)))])
 
 
+def run_sampler(run_dir: Path) -> dict[str, Any] | None:
+    """The sampler (name, steps) a run folder's ``config.yaml`` records, or None where it has none."""
+    path = run_dir / "config.yaml"
+    sampler = OmegaConf.load(path).get("sampler") if path.is_file() else None
+    return None if sampler is None else {"name": str(sampler.name), "steps": int(sampler.steps)}
+
+
 def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str] | None = None) -> dict:
     """The threshold on the score over steps ``0..detect_step`` above which at most ``fpr`` of the run's images
     (those of ``groups``, all if None; the run should be standard CFG on prompts not memorized) lie; written to
-    ``run_dir/calibration.json``, where ``mitigation=auto`` looks by default, with the timesteps of those steps
-    (``d`` at another timestep is another score: ``auto`` refuses a run whose steps differ)."""
+    ``run_dir/calibration.json``, where ``mitigation=auto`` looks by default, with the run's sampler (``d`` at
+    other timesteps is another score: a run sampled otherwise is refused, memguard.mitigations.calibration)."""
     table = run_dir / "generations.csv"
     if not table.is_file():
         raise UserError(f"{run_dir} has no generations.csv; make it with `memguard run mitigation=none` first")
@@ -177,10 +186,9 @@ def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str]
             raise UserError(f"--group {' '.join(groups)}: no image of {run_dir} is in these groups")
     scores = detection_score(d_matrix(run_dir, generations), detect_step + 1).numpy()
     threshold = threshold_at(scores, fpr)  # the rule `memguard calibrate mitigation=auto` applies
-    steps = pd.read_csv(run_dir / "trajectories.csv", usecols=["step", "timestep"]).groupby("step").timestep.first()
     result = {"threshold": threshold, "detect_step": detect_step, "fpr": fpr,
               "measured_fpr": float((scores > threshold).mean()), "n_images": len(scores),
               "groups": groups, "run_dir": str(run_dir),
-              "timesteps": [float(steps[i]) for i in range(detect_step + 1)]}
+              "sampler": run_sampler(run_dir)}
     (run_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -77,6 +77,15 @@ def check_sampler(calibration: dict[str, Any], cfg: DictConfig, path: str | Path
                         f"memguard calibrate mitigation={calibration.get('mitigation')} sampler.steps={here['steps']}")
 
 
+def check_run_calibration(cfg: DictConfig) -> None:
+    """``auto``'s other calibration, the one ``memguard calibrate RUN_DIR`` writes into a run folder (or a shipped
+    model's, ``scenario.calibration``), read where no threshold is given: refused if scored with another sampler."""
+    auto = cfg.mitigation.get("auto")
+    path = auto.get("calibration") if auto is not None and auto.get("threshold") is None else None
+    if path and Path(path).is_file():
+        check_sampler({"mitigation": "auto", **json.loads(Path(path).read_text())}, cfg, path)
+
+
 def read_calibration(path: str | Path, model_path: str | Path) -> dict[str, Any]:
     """The calibration file at ``path``, refused if it was made for another model."""
     calibration = json.loads(Path(path).read_text())
@@ -107,6 +116,7 @@ def apply_calibration(cfg: DictConfig) -> dict[str, Any] | None:
             OmegaConf.update(cfg, key, value)
             applied[key] = value
         return {**calibration, "applied": applied}
+    check_run_calibration(cfg)
     tuned_on = node.get("tuned_on")
     tuned_on = OmegaConf.to_container(tuned_on, resolve=True) if OmegaConf.is_config(tuned_on) else dict(tuned_on or {})
     geometry = model_geometry(Path(cfg.model.path))
