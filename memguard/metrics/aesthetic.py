@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from memguard.components import resolve_device
 from memguard.errors import UserError
+from memguard.metrics.alignment import load_open_clip
 
 HEAD_HELP = ("the aesthetic head is sac+logos+ava1-l14-linearMSE.pth from github.com/chunsanHong/MemBench_code "
              "(aesthetic/, commit f22a0fd); `memguard fetch ... metrics=paper_plus` fetches it")
@@ -60,24 +61,11 @@ class AestheticScorer:
 
     def __init__(self, path: str | Path, clip_path: str | Path, clip_model: str = "ViT-L-14-quickgelu",
                  device: str | torch.device = "cpu", model_config: str | Path | None = None) -> None:
-        import open_clip  # start-up: only for the score
-
         device = resolve_device(device)
         self.head = load_head(path).to(device)
-        if model_config is not None:
-            open_clip.add_model_config(Path(model_config).expanduser())
-        if clip_model not in open_clip.list_models():
-            raise UserError(f"metrics.aesthetic.clip_model={clip_model!r} is not an open_clip model "
-                            "(MemBench's: ViT-L-14-quickgelu, OpenAI's ViT-L/14)")
-        file = Path(clip_path).expanduser()
-        if not file.is_file():
-            raise UserError(f"metrics.aesthetic.clip_path={str(clip_path)!r} is not a file; {CLIP_HELP}")
-        try:
-            self.model, _, self.transform = open_clip.create_model_and_transforms(clip_model, pretrained=str(file),
-                                                                                  device=device)
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"metrics.aesthetic.clip_path={str(clip_path)!r} does not hold {clip_model} weights "
-                            f"({str(err).splitlines()[0][:200]}); {CLIP_HELP}") from err
+        self.model, self.transform = load_open_clip(clip_model, clip_path, device, model_config,
+                                                    "metrics.aesthetic.clip_path", "metrics.aesthetic.clip_model",
+                                                    CLIP_HELP, "MemBench's: ViT-L-14-quickgelu, OpenAI's ViT-L/14")
         width = self.head[0].in_features
         out = getattr(self.model.visual, "output_dim", width)
         if out != width:

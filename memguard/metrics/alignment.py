@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,27 @@ class Scorer:
         raise NotImplementedError
 
 
+def load_open_clip(model: str, path: str | Path, device: torch.device, model_config: str | Path | None,
+                   key: str, model_key: str, help_text: str, examples: str) -> tuple[Any, Any]:
+    """An open_clip ``model`` (its registry name; ``model_config`` adds a config JSON) with the weights in the
+    local file ``path``, and its preprocessing; each failure a UserError naming ``key`` / ``model_key``."""
+    import open_clip  # start-up: open_clip loads only for a CLIP network
+
+    if model_config is not None:
+        open_clip.add_model_config(Path(model_config).expanduser())
+    if model not in open_clip.list_models():
+        raise UserError(f"{model_key}={model!r} is not an open_clip model ({examples})")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{key}={str(path)!r} is not a file; {help_text}")
+    try:
+        network, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(file), device=device)
+    except Exception as err:  # noqa: BLE001  (any failure: not weights of this model)
+        raise UserError(f"{key}={str(path)!r} does not hold {model} weights ({str(err).splitlines()[0][:200]}); "
+                        f"{help_text}") from err
+    return network, preprocess
+
+
 class ClipScorer(Scorer):
     """Cosine of L2-normalised open_clip embeddings, ``<f(image), g(prompt)>``, with the model's own
     preprocessing (resize, centre crop, normalise) and tokenizer."""
@@ -51,23 +73,12 @@ class ClipScorer(Scorer):
         import open_clip  # start-up: open_clip loads only for a CLIP score
 
         device = resolve_device(device)
-        if model_config is not None:
-            open_clip.add_model_config(Path(model_config).expanduser())
-        if model not in open_clip.list_models():
-            raise UserError(f"metrics.alignment.model={model!r} is not an open_clip model (e.g. ViT-B-16, ViT-g-14)")
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise UserError(f"{key}={str(path)!r} is not a file; {OPEN_CLIP_HELP}")
-        try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=str(file),
-                                                                                   device=device)
-        except Exception as err:
-            raise UserError(f"{key}={str(path)!r} does not hold {model} weights ({str(err).splitlines()[0][:200]}); "
-                            f"{OPEN_CLIP_HELP}") from err
+        self.model, self.preprocess = load_open_clip(model, path, device, model_config, key, "metrics.alignment.model",
+                                                     OPEN_CLIP_HELP, "e.g. ViT-B-16, ViT-g-14")
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device = device
-        self.name = f"clip[{model}, {file.name}]"
+        self.name = f"clip[{model}, {Path(path).expanduser().name}]"
         self.transform = self.preprocess  # files: each PIL image through the model's own preprocessing
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

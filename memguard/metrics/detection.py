@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from memguard.errors import UserError
 from memguard.guidance import detection_score
@@ -164,11 +164,17 @@ def threshold_at(scores: np.ndarray, fpr: float) -> float:
     return float(ordered[int(np.floor(fpr * len(ordered)))])
 
 
+def sampler_record(cfg: DictConfig) -> dict[str, Any]:
+    """The sampler a calibration's scores were taken with (name, steps): the scores are ``d``, losses or
+    predictions at its timesteps, so a run sampled otherwise is refused (memguard.mitigations.calibration)."""
+    return {"name": str(cfg.sampler.name), "steps": int(cfg.sampler.steps)}
+
+
 def run_sampler(run_dir: Path) -> dict[str, Any] | None:
-    """The sampler (name, steps) a run folder's ``config.yaml`` records, or None where it has none."""
+    """:func:`sampler_record` of a run folder's ``config.yaml``, or None where it has none."""
     path = run_dir / "config.yaml"
-    sampler = OmegaConf.load(path).get("sampler") if path.is_file() else None
-    return None if sampler is None else {"name": str(sampler.name), "steps": int(sampler.steps)}
+    config = OmegaConf.load(path) if path.is_file() else None
+    return None if config is None or config.get("sampler") is None else sampler_record(config)
 
 
 def calibrate(run_dir: Path, fpr: float, detect_step: int = 0, groups: list[str] | None = None) -> dict:

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memguard.errors import UserError
-from memguard.metrics.detection import threshold_at  # noqa: F401  (the one rule, re-exported for the task)
+from memguard.metrics.detection import sampler_record, threshold_at  # noqa: F401  (threshold_at: the one rule, re-exported for the task)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,6 @@ def model_geometry(root: Path) -> dict[str, Any]:
             config = json.loads((root / sub).read_text())
             out.update({k: config.get(k) for k in keys})
     return out
-
-
-def sampler_record(cfg: DictConfig) -> dict[str, Any]:
-    """The sampler a calibration's scores were taken with: the scores are ``d``, losses or predictions at its
-    timesteps, so a run sampled otherwise is refused (:func:`check_sampler`)."""
-    return {"name": str(cfg.sampler.name), "steps": int(cfg.sampler.steps)}
 
 
 def check_sampler(calibration: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
