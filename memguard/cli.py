@@ -101,7 +101,7 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...], str]] = {
     "evaluate": ("(Re-)evaluate a run folder with a metrics option: similarity to the references, alignment, FID, "
                  "detection; images are never touched.",
                  ("run_dir", "references", "metrics"),
-                 "memguard evaluate run_dir=outputs/runs/tiny/dtp metrics=tiny"),
+                 "memguard evaluate run_dir=outputs/runs/tiny2/dtp metrics=tiny"),
     "train": ("Train the tiny scenario's model from nothing on its procedural dataset (resumable; Ctrl-C saves).",
               ("scenario", "train", "train.settings.steps", "train.output_dir"),
               "memguard train scenario=tiny_ft train=pretrain"),

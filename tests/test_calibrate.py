@@ -19,6 +19,7 @@ from memguard.runner import run
 from tests.test_configs import compose_config
 
 FAST = ["sampler.steps=6", "images_per_prompt=2", "progress=false", "metrics=none"]
+TINY = "scenario=tiny"  # the shipped tiny model these tests are written for (not the default, tiny2)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_sail_calibrated_on_the_tiny_model_searches_for_memorized_prompts(out: Path) -> None:
-    common = [f"paths.output_dir={out}", *FAST]
+    common = [TINY, f"paths.output_dir={out}", *FAST]
     result = calibrate(compose_config(["mitigation=sail", *common]))
     value = result["values"]["mitigation.noise.threshold"]
     assert value < 8.2 and result["groups"] == ["unique"] and result["n_images"] == 16  # 8 unique prompts x 2 seeds
@@ -60,7 +61,7 @@ def test_sail_calibrated_on_the_tiny_model_searches_for_memorized_prompts(out: P
 
 
 def test_an_uncalibrated_method_warns_once_per_run(out: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = compose_config(["mitigation=han", f"paths.output_dir={out / 'uncalibrated'}", *FAST,
+    cfg = compose_config([TINY, "mitigation=han", f"paths.output_dir={out / 'uncalibrated'}", *FAST,
                           "prompts=[a red circle on a white background]", "prompts_file=null", "images_per_prompt=1"])
     with caplog.at_level(logging.WARNING):
         run(cfg)
@@ -79,7 +80,7 @@ def test_nemo_localize_reads_its_calibrated_thresholds_for_this_model_only(tmp_p
     from memguard.mitigations.nemo_localize import apply_nemo_calibration
 
     path = tmp_path / "nemo.json"
-    cfg = compose_config([f"nemo.calibration={path}"])
+    cfg = compose_config([TINY, f"nemo.calibration={path}"])
     with caplog.at_level(logging.WARNING):
         assert apply_nemo_calibration(cfg) is None  # none yet: the tiny model is not SD 1.x, one warning
     assert sum("memguard calibrate mitigation=nemo" in r.getMessage() for r in caplog.records) == 1
@@ -89,7 +90,7 @@ def test_nemo_localize_reads_its_calibrated_thresholds_for_this_model_only(tmp_p
     assert cfg.nemo.pairwise_threshold == cfg.nemo.refinement_threshold == 0.7
     path.write_text(json.dumps({"mitigation": "nemo", "values": values, "model": {"sha256": "0" * 64}}))
     with pytest.raises(UserError, match="calibrate again"):
-        apply_nemo_calibration(compose_config([f"nemo.calibration={path}"]))
+        apply_nemo_calibration(compose_config([TINY, f"nemo.calibration={path}"]))
 
 
 def test_a_run_folder_calibration_of_auto_is_refused_under_another_sampler(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_a_run_folder_calibration_of_auto_is_refused_under_another_sampler(tmp_p
     from memguard.metrics.detection import calibrate as calibrate_run
     from memguard.mitigations.calibration import apply_calibration
 
-    common = [f"paths.output_dir={tmp_path}", *FAST]
+    common = [TINY, f"paths.output_dir={tmp_path}", *FAST]
     run(compose_config(["mitigation=none", *common]))
     made = calibrate_run(tmp_path / "runs" / "tiny" / "none", fpr=0.1, groups=["unique"])
     assert made["sampler"] == {"name": "dpm", "steps": 6}

@@ -17,8 +17,8 @@ from memguard.errors import UserError
 from memguard.runs.leaderboard import operating_points, seed_split
 from tests.test_report import CHROMIUM, chromium_dom
 
-FAST = ["images_per_prompt=2", "sampler.steps=4", "progress=false", "metrics.fid=null", "metrics.detection=null",
-        "compare.methods=[none,stp]", "compare.points=2"]
+FAST = ["scenario=tiny", "images_per_prompt=2", "sampler.steps=4", "progress=false", "metrics.fid=null",
+        "metrics.detection=null", "compare.methods=[none,stp]", "compare.points=2"]
 
 
 @pytest.fixture(scope="module")

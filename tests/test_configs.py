@@ -72,8 +72,8 @@ def test_debug_and_experiment_compose() -> None:
 
 def test_run_dirs_follow_scenario_and_mitigation() -> None:
     cfg = compose_config(["mitigation=dtp"], hydra=True)
-    assert cfg.hydra.run.dir == "outputs/runs/tiny/dtp"
-    assert cfg.hydra.sweep.subdir == "tiny/dtp"
+    assert cfg.hydra.run.dir == "outputs/runs/tiny2/dtp"  # the default scenario
+    assert cfg.hydra.sweep.subdir == "tiny2/dtp"
 
 
 def test_config_dir_ships_with_the_package() -> None:
@@ -104,7 +104,7 @@ def test_metrics_options_compose() -> None:
 
 def test_parameterised_mitigations_get_one_run_folder_per_value() -> None:
     names = {compose_config(["mitigation=stp", f"mitigation.schedule.tau={tau}"]).run_name for tau in (300, 700)}
-    assert names == {"tiny/stp_t300", "tiny/stp_t700"}
+    assert names == {"tiny2/stp_t300", "tiny2/stp_t700"}
     cfg = compose_config(["mitigation=interval", "mitigation.schedule.t_hi=600"])
     assert cfg.mitigation.name == "interval_600_0"
 

@@ -24,16 +24,16 @@ RECORD = json.loads((MODEL / "memguard_train.json").read_text())
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """`memguard run scenario=tiny` (the default), 16 seeds per prompt, CFG 7.5, DPM-Solver++ 50 steps."""
+    """`memguard run scenario=tiny`, 16 seeds per prompt, CFG 7.5, DPM-Solver++ 50 steps."""
     out = tmp_path_factory.mktemp("tiny")
-    cfg = compose_config([f"paths.output_dir={out}", "images_per_prompt=16", "progress=false"])
+    cfg = compose_config(["scenario=tiny", f"paths.output_dir={out}", "images_per_prompt=16", "progress=false"])
     assert cfg.scenario.name == "tiny" and cfg.guidance.scale == 7.5 and cfg.sampler.steps == 50
     return out, run(cfg)
 
 
 def test_shipped_dataset_is_the_one_the_model_was_trained_on(tiny_run: tuple[Path, dict]) -> None:
     out, _ = tiny_run
-    cfg = compose_config([])
+    cfg = compose_config(["scenario=tiny"])
     assert cfg.dataset.digest == RECORD["dataset_digest"] == dataset_digest(out / "data" / "tiny")
 
 

@@ -1,5 +1,5 @@
 """memguard as a built wheel, installed into a fresh virtual environment, outside the clone: it finds its configs and
-the tiny model as package data, `memguard --help` and `memguard run` (the tiny default) work from an empty folder.
+the tiny models as package data, `memguard --help` and `memguard run` (the tiny2 default) work from an empty folder.
 
 The wheel is installed without its dependencies (``--no-deps``, no index): they come from this interpreter's
 site-packages through a ``.pth`` file, so pip never fetches anything (a CUDA torch least of all)."""
@@ -66,8 +66,8 @@ def test_help_and_the_default_run_from_an_empty_folder(installed: Path, tmp_path
     assert sh(installed / "memguard", "run", "--help", cwd=tmp_path).stdout.startswith("usage: memguard run")
     sh(installed / "memguard", "run", "images_per_prompt=1", "sampler.steps=2", "progress=false", "threads=1",
        cwd=tmp_path)
-    run_dir = tmp_path / "outputs" / "runs" / "tiny" / "none"
+    run_dir = tmp_path / "outputs" / "runs" / "tiny2" / "none"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_images"] == len(list((run_dir / "images").glob("*.png"))) > 0
     assert "similarity" in metrics and "alignment" in metrics  # evaluated with the shipped classifier
-    assert "/models/tiny" in (run_dir / "config.yaml").read_text() and str(ROOT) not in (run_dir / "config.yaml").read_text()
+    assert "/models/tiny2" in (run_dir / "config.yaml").read_text() and str(ROOT) not in (run_dir / "config.yaml").read_text()
