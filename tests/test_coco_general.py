@@ -14,6 +14,7 @@ import pytest
 from memguard.errors import UserError
 from memguard.fetch.derive import coco_captions
 from tests.fetch_servers import serve, static
+from tests.test_cli import memguard_here
 from tests.test_fetch import mg
 
 # (image_id, id, caption) in the file's order: image 9 has two captions, the first one counts; image 3 comes
@@ -68,8 +69,8 @@ def test_fetch_coco_general_from_a_stand_in_then_run_it(tmp_path: Path, tiny_mod
     manifest = json.loads((data / "manifest.json").read_text())
     assert "annotations/captions_val2017.json" in manifest["files"]  # recorded: `memguard check` sees changes
 
-    run = mg("run", *overrides, "images_per_prompt=2", "sampler.steps=3", "metrics=none",
-             f"paths.output_dir={tmp_path / 'out'}", "progress=false", cwd=tmp_path)
+    run = memguard_here("run", *overrides, "images_per_prompt=2", "sampler.steps=3", "metrics=none",
+                       f"paths.output_dir={tmp_path / 'out'}", "progress=false", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     gens = pd.read_csv(tmp_path / "out" / "runs" / "coco_general" / "none" / "generations.csv")
     assert gens.prompt.drop_duplicates().tolist() == FIRST  # as written, as MemBench passes them
