@@ -55,8 +55,8 @@ def test_run_custom_model_with_og_dtp(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_multirun_sweeps_mitigations(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = memguard("run", "-m", "scenario=custom", f"model.path={tiny_model_dir}", "prompts=[a cat]",
-                      "mitigation=none,uncond", "debug=default", cwd=tmp_path)
+    result = memguard_here("run", "-m", "scenario=custom", f"model.path={tiny_model_dir}", "prompts=[a cat]",
+                           "mitigation=none,uncond", "debug=default", cwd=tmp_path)  # the sweep, in this process
     assert result.returncode == 0, result.stderr
     for name in ("none", "uncond"):
         metrics = json.loads((tmp_path / "outputs" / "runs" / "debug" / "custom" / name / "metrics.json").read_text())
