@@ -26,6 +26,7 @@ from PIL import Image
 from memguard.cli import main
 from memguard.families import null_entries, random_family
 from memguard.families.sd3 import SD3
+from tests.test_cli import memguard_here
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +122,8 @@ def test_every_familys_saved_folder_runs_through_the_cli_as_its_pipeline(tmp_pat
 
 def test_an_sd3_folder_without_t5_runs_with_no_sampler_named(tmp_path: Path) -> None:
     main(["random-model", str(tmp_path / "sd3"), "--family", "sd3", "--no-t5"])
-    result = memguard("run", "scenario=custom", f"model.path={tmp_path / 'sd3'}", "prompts=[a cat]",
-                      "images_per_prompt=1", "sampler.steps=2", cwd=tmp_path)
+    result = memguard_here("run", "scenario=custom", f"model.path={tmp_path / 'sd3'}", "prompts=[a cat]",
+                           "images_per_prompt=1", "sampler.steps=2", cwd=tmp_path)  # the command, in this process
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr  # Hydra logs to stdout
     assert "sampler=auto: flow (FlowMatchEulerDiscreteScheduler, 2 steps)" in log
