@@ -11,10 +11,7 @@ the images the family's own diffusers pipeline (``from_pretrained`` on the same 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import diffusers
@@ -33,11 +30,6 @@ pytestmark = pytest.mark.slow
 PROMPTS, SEEDS, STEPS, SCALE = ["417", "1"], [11, 12], 3, 7.5  # DiT reads the prompts as class ids
 FAMILIES = {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3", "sd3_no_t5": "sd3", "dit": "dit"}
 OLD_STYLE = ("sd", "sdxl", "sd3")  # families whose pipelines list feature_extractor / image_encoder
-
-
-def memguard(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memguard.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
 
 
 def write_folders(root: Path) -> dict[str, str]:
@@ -91,8 +83,8 @@ def test_every_familys_saved_folder_runs_through_the_cli_as_its_pipeline(tmp_pat
     common = ["scenario=custom", f"model.path={tmp_path / 'models'}/${{tag}}", "run_name=${tag}/${mitigation.name}",
               f"prompts=[{','.join(repr(p) for p in PROMPTS)}]", f"seeds=[{','.join(map(str, SEEDS))}]",
               f"sampler.steps={STEPS}", "progress=false"]
-    # one command sweeps every folder (one interpreter start for all)
-    result = memguard("run", "-m", f"+tag={','.join(folders)}", "mitigation=none", *common, cwd=tmp_path)
+    # one command sweeps every folder (in this process: tests/test_wheel.py and test_cli.py start processes)
+    result = memguard_here("run", "-m", f"+tag={','.join(folders)}", "mitigation=none", *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # og_dtp once per family, on the folders `memguard random-model` wrote (the command, in this process): the
     # folder's writer is what the none runs above vary, the family what the mitigation's hooks meet

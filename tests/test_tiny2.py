@@ -30,7 +30,7 @@ from memguard.procedural import (
     texture,
     write_dataset,
 )
-from tests.test_cli import memguard, memguard_here
+from tests.test_cli import memguard_here
 
 SMALL2 = dict(seed=3, size=16, n_unique=40, n_trigger=2, n_shared=1, repeats=10, n_eval_unique=4, design="tiny2")
 
@@ -182,7 +182,8 @@ def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path
     `memguard basin scenario=tiny2` maps it. Two images a prompt: the CI smoke of the second miniature."""
     out = tmp_path / "outputs"
     common = ["scenario=tiny2", f"paths.output_dir={out}", "progress=false"]
-    result = memguard("run", *common, "mitigation=auto", "images_per_prompt=2", cwd=tmp_path)
+    # the command in this process (tests/test_wheel.py runs the default scenario, tiny2, in a fresh environment)
+    result = memguard_here("run", *common, "mitigation=auto", "images_per_prompt=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     calibration = json.loads((Path(__file__).parents[1] / "models" / "tiny2" / "calibration.json").read_text())
     gens = pd.read_csv(out / "runs" / "tiny2" / "auto" / "generations.csv")
@@ -190,7 +191,7 @@ def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path
     assert ((gens.decision == "mitigated") == (gens.detection_first > calibration["threshold"])).all()
     flagged = gens.groupby("group").decision.apply(lambda d: (d == "mitigated").mean())
     assert flagged["trigger"] > flagged["unique"]  # the shipped detector separates what the model memorized
-    # then in this process (memguard_here): a run sampled with 4 steps (other timesteps), and the basin
+    # a run sampled with 4 steps (other timesteps), and the basin
     result = memguard_here("run", *common, "mitigation=auto", "debug=default", cwd=tmp_path)
     assert result.returncode != 0 and "sampler.steps=50, this run samples with" in result.stderr
     result = memguard_here("basin", *common, "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", cwd=tmp_path)
