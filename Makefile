@@ -85,13 +85,16 @@ fetch: $(MG)  ## fetch every input of all five tables (what is missing only; HF_
 fetch-table%: $(MG)
 	$(FETCH) experiment=table$* $(ARGS) $(ARGS_$*)
 
-table1 table2 table3 table4 table5: table%: $(MG)  ## one paper table: fetch its inputs, (fine-tune,) run its grid (GPU), evaluate, tabulate
+table1 table2 table3 table4 table5: table%: grid-table%  ## one paper table: fetch its inputs, (fine-tune,) run its grid (GPU), evaluate, tabulate
+	$(MG) tables --output-dir $(OUTPUT_DIR)
+
+grid-table%: $(MG)
 	$(FETCH) experiment=table$* $(MODEL_ARG) $(ARGS) $(ARGS_$*)
 	$(if $(FINETUNED_$*),test -d $(OUTPUT_DIR)/finetune/$(FINETUNED_$*) || $(MG) finetune experiment=table$* finetune.settings.steps=$(FINETUNE_STEPS_$*) $(ARGS) $(ARGS_$*))
 	$(MG) run -m experiment=table$* $(MODEL_ARG) $(ROWS_ARG) $(ARGS) $(ARGS_$*)
-	$(MG) tables --output-dir $(OUTPUT_DIR)
 
-reproduce: $(addprefix table,$(TABLES))  ## all five paper tables
+reproduce: $(addprefix grid-table,$(TABLES))  ## all five paper tables (tabulated once, after the last grid)
+	$(MG) tables --output-dir $(OUTPUT_DIR)
 
 tiny-table: $(MG)  ## every schedule and baseline on the embedded tiny model (CPU), tabulated
 	$(MG) run -m experiment=tiny_grid

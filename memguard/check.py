@@ -19,6 +19,7 @@ warnings (duplicates, truncated prompts, blank lines) are printed and do not sto
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -32,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors import safe_open
 
-from memguard.components import FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder, clip_tokenizer
+from memguard.components import (FOLDER_HELP, SUBFOLDERS, _pixel_space, check_model_folder, clip_tokenizer,
+                                 load_tokenizer)
 from memguard.errors import UserError
 from memguard.evaluate import STAGES, reference_files
 from memguard.families import family_class, read_model_index
@@ -93,7 +95,20 @@ def source(cfg: DictConfig, key: str) -> str:
 
 def archive_problem(path: Path) -> str | None:
     """None if the weights file's container opens (safetensors header, torch zip archive, TorchScript
-    archive, or a small legacy torch pickle that loads), else what is wrong. Reads no tensor data."""
+    archive, or a small legacy torch pickle that loads), else what is wrong. Reads no tensor data. Opened once per
+    process while the file is unchanged (its size and modification time): a sweep's runs check the same model, whose
+    tokenizer.json alone is 3.6 MB of JSON."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        return f"cannot be opened ({type(err).__name__}: {err.strerror})"
+    return _archive_problem(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _archive_problem(name: str, size: int, mtime_ns: int) -> str | None:
+    """:func:`archive_problem` of the file ``name`` as it is when its size and modification time are these."""
+    path = Path(name)
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
@@ -231,10 +246,8 @@ def _class_conditional(cfg: DictConfig, model: Path, texts: list[str], report: R
 def _tokenizer(model: Path | None) -> Any:
     """The model's own tokenizer, or the CLIP tokenizer (the same BPE) where the model folder is unusable."""
     if model is not None:
-        from transformers import CLIPTokenizer  # start-up: transformers loads only where a prompt is long enough
-
-        try:
-            return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        try:  # start-up: transformers loads (in load_tokenizer) only where a prompt is long enough
+            return load_tokenizer(model / "tokenizer")
         except (OSError, ValueError):
             pass
     return clip_tokenizer()

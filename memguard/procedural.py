@@ -270,14 +270,37 @@ def dataset_digest(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+CHECKED = ".memguard_digest.json"  # in the dataset folder: the digest last verified, and the files' state then
+
+
+def files_state(folder: str | Path) -> str:
+    """SHA-256 of the name, size and modification time of ``metadata.jsonl`` and of every listed image: it changes
+    when any of them is written again, as a digest check must then be repeated."""
+    root = Path(folder)
+    state = hashlib.sha256()
+    for name in ["metadata.jsonl", *(row.file_name for row in read_metadata(root))]:
+        stat = (root / name).stat()
+        state.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return state.hexdigest()
+
+
 def ensure_dataset(folder: str | Path, digest: str | None = None, **spec: float) -> Path:
     """Write the dataset described by ``spec`` (:func:`write_dataset`'s arguments) into ``folder`` unless it is
-    there, then check it is the one ``digest`` names (the one the model was trained on)."""
+    there, then check it is the one ``digest`` names (the one the model was trained on). The pixels are hashed
+    once: the check is recorded in ``folder/.memguard_digest.json`` with the files' state (:func:`files_state`),
+    and repeated only when a file has changed since."""
     root = Path(folder)
     if not (root / "metadata.jsonl").exists():
         write_dataset(root, **spec)
-    if digest is not None and (found := dataset_digest(root)) != digest:
+    if digest is None:
+        return root
+    checked = root / CHECKED
+    state = files_state(root)
+    if checked.is_file() and json.loads(checked.read_text()) == {"digest": digest, "files": state}:
+        return root
+    if (found := dataset_digest(root)) != digest:
         raise UserError(f"dataset.folder={str(folder)!r} is not the dataset this model was trained on (digest "
                         f"{found[:12]} != {digest[:12]}); delete the folder to regenerate it, or point "
                         "dataset.folder elsewhere")
+    checked.write_text(json.dumps({"digest": digest, "files": state}) + "\n")
     return root

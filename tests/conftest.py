@@ -31,11 +31,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_components: Co
     return save_components(tiny_components, tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
-# The longest files, longest first (measured: make test PYTEST_ARGS=--durations=40); then the other files with
-# end-to-end (slow) tests, then the rest. `make test` keeps this order (--no-loadscope-reorder; pytest-xdist would
-# otherwise sort files by their number of tests, leaving a long one-test file such as test_reproduce.py to the end).
-LONG_FILES = ("test_reproduce.py", "test_reproduce_4_5.py", "test_experiments.py", "test_saved_folders.py",
-              "test_fetch.py", "test_tiny.py", "test_cli.py", "test_finetune.py", "test_launchers.py", "test_run.py")
+# The longest files, longest first (measured: make test PYTEST_ARGS=--durations=40, summed per file); then the other
+# files with end-to-end (slow) tests, then the rest. `make test` keeps this order (--no-loadscope-reorder;
+# pytest-xdist would otherwise sort files by their number of tests, leaving a long one-test file such as
+# test_reproduce.py to the end).
+LONG_FILES = ("test_reproduce.py", "test_saved_folders.py", "test_reproduce_4_5.py", "test_tiny.py",
+              "test_experiments.py", "test_launchers.py", "test_fetch.py", "test_sail.py", "test_families.py",
+              "test_fetch_sources.py", "test_cli.py", "test_tiny2.py", "test_run.py", "test_rehearsal.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,7 +11,7 @@ from memguard.check import check, check_inputs
 from memguard.errors import UserError
 from memguard.runner import run
 from tests.rehearsal import write_metric_weights, write_webster500
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 from tests.test_configs import compose_config
 
 EMPTY_MACHINE = ["model.path='models/stable-diffusion-v1-4' is not a folder", "prompts_file='data/webster500/sdv1_500_memorized.jsonl'",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -10,12 +12,36 @@ from pathlib import Path
 
 import pytest
 
+from memguard.cli import main
+
 pytestmark = pytest.mark.slow
 
 
 def memguard(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`memguard ARGS` in a process of its own, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "memguard.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+
+
+def memguard_here(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`memguard ARGS` through the same entry point (``memguard.cli.main``) in this test's process, with its output
+    and exit status as :func:`memguard` gives them: for the tests about what a command does rather than about the
+    process (whose start, importing torch and diffusers, costs ~6 s a call). A message passed to ``SystemExit``
+    goes to stderr with status 1, as the interpreter does."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.chdir(cwd)
+        for key, value in {"HF_HUB_OFFLINE": "1", **(env or {})}.items():
+            patch.setenv(key, value)
+        patch.setattr(sys, "argv", list(sys.argv))  # Hydra's entry sets it
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["memguard", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_run_custom_model_with_og_dtp(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -29,8 +55,8 @@ def test_run_custom_model_with_og_dtp(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_multirun_sweeps_mitigations(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = memguard("run", "-m", "scenario=custom", f"model.path={tiny_model_dir}", "prompts=[a cat]",
-                      "mitigation=none,uncond", "debug=default", cwd=tmp_path)
+    result = memguard_here("run", "-m", "scenario=custom", f"model.path={tiny_model_dir}", "prompts=[a cat]",
+                           "mitigation=none,uncond", "debug=default", cwd=tmp_path)  # the sweep, in this process
     assert result.returncode == 0, result.stderr
     for name in ("none", "uncond"):
         metrics = json.loads((tmp_path / "outputs" / "runs" / "debug" / "custom" / name / "metrics.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 from memguard.errors import UserError
 from memguard.fetch.derive import coco_captions
 from tests.fetch_servers import serve, static
-from tests.test_fetch import mg
+from tests.test_cli import memguard_here
 
 # (image_id, id, caption) in the file's order: image 9 has two captions, the first one counts; image 3 comes
 # first although its id is larger (MemBench keeps the file's order, it does not sort)
@@ -59,7 +59,7 @@ def test_fetch_coco_general_from_a_stand_in_then_run_it(tmp_path: Path, tiny_mod
         overrides = ["scenario=coco_general", f"paths.data_dir={tmp_path / 'data'}", f"model.path={tiny_model_dir}",
                      f"sources.coco_annotations.url={server.url}/annotations/annotations_trainval2017.zip",
                      "fetch.timeout=5", "fetch.retries=1", "fetch.backoff=0.05"]
-        fetched = mg("fetch", *overrides, cwd=tmp_path)
+        fetched = memguard_here("fetch", *overrides, cwd=tmp_path)  # a URL source: in this process
         assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     data = tmp_path / "data" / "coco_general"
     assert sorted(p.name for p in (data / "annotations").iterdir()) == ["captions_val2017.json"]  # the captions only
@@ -68,8 +68,8 @@ def test_fetch_coco_general_from_a_stand_in_then_run_it(tmp_path: Path, tiny_mod
     manifest = json.loads((data / "manifest.json").read_text())
     assert "annotations/captions_val2017.json" in manifest["files"]  # recorded: `memguard check` sees changes
 
-    run = mg("run", *overrides, "images_per_prompt=2", "sampler.steps=3", "metrics=none",
-             f"paths.output_dir={tmp_path / 'out'}", "progress=false", cwd=tmp_path)
+    run = memguard_here("run", *overrides, "images_per_prompt=2", "sampler.steps=3", "metrics=none",
+                       f"paths.output_dir={tmp_path / 'out'}", "progress=false", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     gens = pd.read_csv(tmp_path / "out" / "runs" / "coco_general" / "none" / "generations.csv")
     assert gens.prompt.drop_duplicates().tolist() == FIRST  # as written, as MemBench passes them

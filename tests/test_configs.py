@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,16 @@ def options(group: str) -> list[str]:
 
 
 def compose_config(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """The config `memguard run OVERRIDES` composes (a copy: the caller may change it)."""
+    return copy.deepcopy(_compose(tuple(overrides), hydra))
+
+
+@functools.lru_cache(maxsize=512)
+def _compose(overrides: tuple[str, ...], hydra: bool) -> DictConfig:
+    """Composed once per test process and list of overrides (the files under conf/ do not change during a run)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra)
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.mark.parametrize("mitigation", options("mitigation"))

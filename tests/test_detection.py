@@ -12,7 +12,7 @@ import pytest
 from memguard.evaluate import evaluate
 from memguard.metrics.detection import calibrate, per_image, roc, roc_summary
 from memguard.runner import run
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 from tests.test_run import config
 
 

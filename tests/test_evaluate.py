@@ -14,7 +14,7 @@ from PIL import Image
 from memguard.errors import UserError
 from memguard.evaluate import evaluate
 from memguard.runner import run
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 from tests.test_run import config
 
 

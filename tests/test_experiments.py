@@ -1,4 +1,5 @@
-"""Each paper table's grid, run end to end on a tiny model with the scenario's loaders pointed at fixtures."""
+"""Each paper table's grid, run end to end on a tiny model with the scenario's loaders pointed at fixtures (the
+commands in this process: tests/test_reproduce.py runs them as `make reproduce` does)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from memguard.tables import PAPER_TABLES
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 
 pytestmark = pytest.mark.slow
 

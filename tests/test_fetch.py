@@ -25,6 +25,7 @@ from PIL import Image
 from memguard.errors import UserError
 from tests.fetch_servers import COMMIT, fail_first, hub_routes, redirect, serve, slow, static, status
 from tests.rehearsal import write_metric_weights
+from tests.test_cli import memguard_here
 
 INDICES = (3, 11, 23)  # the prompts' `index` values: one ground-truth folder each
 
@@ -130,21 +131,22 @@ def test_fetch_webster500_then_check_and_run(site: Site, tmp_path: Path) -> None
     assert again.returncode == 0 and "nothing to fetch" in again.stdout, again.stdout + again.stderr
     assert sum(site.server.hits.values()) == hits
 
-    run = mg("run", *overrides, "images_per_prompt=1", "sampler.steps=2", "progress=false", cwd=tmp_path, env=env)
+    # run, evaluate and check read only the fetched folders: in this process (memguard_here); fetch in its own
+    run = memguard_here("run", *overrides, "images_per_prompt=1", "sampler.steps=2", "progress=false", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]  # memguard check passed first (every run begins with it)
     metrics = json.loads((tmp_path / "out" / "runs" / "webster500" / "none" / "metrics.json").read_text())
     assert metrics["n_images"] == 3 and "similarity" in metrics and "fid" in metrics
     assert set(metrics["similarity"]["groups"]) == {"verbatim", "template"}  # NeMo's labels; prompt 23 has none
     run_dir = tmp_path / "out" / "runs" / "webster500" / "none"
     (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "similarity"}))
-    evaluated = mg("evaluate", *overrides, f"run_dir={run_dir}", cwd=tmp_path, env=env)  # on the fetched folders
+    evaluated = memguard_here("evaluate", *overrides, f"run_dir={run_dir}", cwd=tmp_path)  # on the fetched folders
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "similarity" in json.loads((run_dir / "metrics.json").read_text())
 
     # a fetched file changed, one removed: check names them, fetch fetches them again
     (model / "unet" / "config.json").write_text("{}")
     (tmp_path / "data" / "webster500" / "gt_images" / "11" / "0.png").unlink()
-    check = mg("check", *overrides, cwd=tmp_path, env=env)
+    check = memguard_here("check", *overrides, cwd=tmp_path)
     assert check.returncode == 2
     assert "stable-diffusion-v1-4/unet/config.json changed" in check.stderr
     assert "gt_images/11/0.png removed" in check.stderr

@@ -7,8 +7,10 @@ import io
 import json
 import shutil
 import tarfile
+import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -122,6 +124,11 @@ def test_dry_run_offline_lists_every_source_with_destination_and_size(tmp_path: 
 
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    from huggingface_hub.utils import _http
+
+    # the hub client retries a refused connection 5 times, waiting 1 + 2 + 4 + 8 + 8 s: its own schedule, not
+    # what this test is about; the retries still happen, without the waits
+    monkeypatch.setattr(_http, "time", SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None}))
     overrides = ["experiment=table4", f"paths.data_dir={tmp_path / 'd'}", f"paths.models_dir={tmp_path / 'm'}",
                  f"paths.weights_dir={tmp_path / 'w'}", "fetch.dry_run=true", "fetch.timeout=2", "fetch.retries=0",
                  "sources.references.kind=url_list", *(f"sources.{k}.url={closed}/{k}" for k in

@@ -12,7 +12,7 @@ from PIL import Image
 
 from memguard.components import load_components
 from memguard.finetune import captioned_images
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 
 
 def test_imagenette_folders_get_the_template_caption(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.test_cli import memguard_here
+
 pytestmark = pytest.mark.slow
 
 RUN = ["scenario=custom", "prompts=[a red circle,a blue square,a green cross]", "images_per_prompt=3",
@@ -40,8 +42,8 @@ def test_accelerate_two_processes_make_the_one_process_folder(tiny_model_dir: Pa
     without GPUs too; `--cpu` alone starts one); each is a shard, the last one to finish writes the tables.
     batch_size=1: each image is computed alone in both runs, so the bytes match (a shard's batches hold other
     images than the one process's, which moves float rounding as batch_size does: within 1/255)."""
-    one = command("-m", "memguard.cli", "run", *RUN, f"model.path={tiny_model_dir}", f"run_dir={tmp_path / 'one'}",
-                  cwd=tmp_path)
+    one = memguard_here("run", *RUN, f"model.path={tiny_model_dir}", f"run_dir={tmp_path / 'one'}",
+                        cwd=tmp_path)  # the one-process folder: the command, in this process
     assert one.returncode == 0, one.stderr
     two = command("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +35,7 @@ from memguard.mitigations.nemo_localize import (
     value_modules,
 )
 from memguard.sampling import generate_images, initial_noise
+from tests.test_cli import memguard_here as mg
 from tests.test_configs import compose_config
 
 DOWN = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"  # the tiny UNet's two localized layers
@@ -439,15 +437,9 @@ def test_defaults_are_their_codes() -> None:
 # The command
 
 
-def mg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "-m", "memguard.cli", *args], check=False, cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, timeout=300)
-
-
 @pytest.mark.slow
 def test_cli_help_and_a_small_localization(tiny_model_dir: Path, tmp_path: Path) -> None:
-    help_ = mg("nemo-localize", "--help", cwd=tmp_path)
+    help_ = mg("nemo-localize", "--help", cwd=tmp_path)  # the command, in this process
     assert help_.returncode == 0, help_.stderr
     assert help_.stdout.startswith("usage: memguard nemo-localize [key=value ...]")
     assert "  nemo.pairwise_threshold  0.428" in help_.stdout and "memguard nemo-localize scenario=nemo500" in help_.stdout

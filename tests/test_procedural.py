@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from memguard import procedural
 from memguard.errors import UserError
 from memguard.procedural import (
     TRIGGER_WORDS,
@@ -50,12 +51,18 @@ def test_render_draws_the_named_shape_and_colour() -> None:
     assert circle[2, 5, 0] > 0.5 > 0.4 > square[2, 5, 0]  # a circle bulges past the square's edges
 
 
-def test_write_refuses_an_existing_dataset_and_ensure_checks_the_digest(tmp_path: Path) -> None:
+def test_write_refuses_an_existing_dataset_and_ensure_checks_the_digest(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     folder = write_dataset(tmp_path / "d", **SMALL)
     with pytest.raises(FileExistsError):
         write_dataset(folder, **SMALL)
     digest = dataset_digest(folder)
     assert ensure_dataset(tmp_path / "e", digest=digest, **SMALL) == tmp_path / "e"  # written on first use
+    with monkeypatch.context() as patch:  # checked once: unchanged files are not hashed again
+        patch.setattr(procedural, "dataset_digest", lambda folder: pytest.fail("hashed again"))
+        ensure_dataset(tmp_path / "e", digest=digest, **SMALL)
+        with pytest.raises(pytest.fail.Exception, match="hashed again"):  # another digest asked: checked again
+            ensure_dataset(tmp_path / "e", digest="0" * 64, **SMALL)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "e" / "images" / "00005.png")
     with pytest.raises(UserError, match="is not the dataset this model was trained on"):
         ensure_dataset(tmp_path / "e", digest=digest, **SMALL)

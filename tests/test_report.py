@@ -19,7 +19,7 @@ from memguard.evaluate import evaluate
 from memguard.runner import run
 from memguard.runs.plots import plot_norms
 from memguard.tables import write_tables
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 from tests.test_evaluate import make_references
 from tests.test_run import config
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from memguard.tables import PAPER_TABLES, write_tables
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 
 SSCD = "sscd[sscd_disc_large.torchscript.pt, dcr]"
 

@@ -24,10 +24,10 @@ RECORD = json.loads((MODEL / "memguard_train.json").read_text())
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """`memguard run scenario=tiny`, 16 seeds per prompt, CFG 7.5, DPM-Solver++ 50 steps."""
+    """`memguard run scenario=tiny` as it ships: 8 seeds per prompt, CFG 7.5, DPM-Solver++ 50 steps."""
     out = tmp_path_factory.mktemp("tiny")
-    cfg = compose_config(["scenario=tiny", f"paths.output_dir={out}", "images_per_prompt=16", "progress=false"])
-    assert cfg.scenario.name == "tiny" and cfg.guidance.scale == 7.5 and cfg.sampler.steps == 50
+    cfg = compose_config(["scenario=tiny", f"paths.output_dir={out}", "progress=false"])
+    assert cfg.images_per_prompt == 8 and cfg.scenario.name == "tiny" and cfg.guidance.scale == 7.5 and cfg.sampler.steps == 50
     return out, run(cfg)
 
 
@@ -52,7 +52,7 @@ def test_trigger_captions_are_copied_and_unique_captions_are_not(tiny_run: tuple
     training_image = {r.text: r.file_name.removeprefix("images/") for r in rows if r.kind == "trigger"}
     threshold = metrics["similarity"]["copy_threshold"]
     for prompt, images in gens.query("group == 'trigger'").groupby("prompt"):
-        assert len(images) >= 16
+        assert len(images) == 8
         copies = (images.similarity > threshold) & (images.nearest_reference == training_image[prompt])
         assert copies.mean() >= 0.9, (prompt, copies.mean())
     unique = gens.query("group == 'unique'")

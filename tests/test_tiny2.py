@@ -30,7 +30,7 @@ from memguard.procedural import (
     texture,
     write_dataset,
 )
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here
 
 SMALL2 = dict(seed=3, size=16, n_unique=40, n_trigger=2, n_shared=1, repeats=10, n_eval_unique=4, design="tiny2")
 
@@ -162,7 +162,7 @@ def test_memguard_train_tiny2_smoke(tmp_path: Path) -> None:
     """`memguard train scenario=tiny2 train=tiny2_pretrain` at smoke size: a tiny2 dataset, a classifier of
     pattern and ink, the copy threshold calibrated on tiny2 images."""
     out = tmp_path / "outputs"
-    result = memguard("train", "scenario=tiny2", "train=tiny2_pretrain", f"paths.output_dir={out}",
+    result = memguard_here("train", "scenario=tiny2", "train=tiny2_pretrain", f"paths.output_dir={out}",
                       "dataset.n_unique=24", "dataset.n_eval_unique=2", "train.settings.steps=2",
                       "train.settings.batch_size=4", "train.settings.warmup=1", "train.alignment.n_train=256",
                       "train.alignment.n_test=64", "train.alignment.epochs=1", "progress=false", cwd=tmp_path)
@@ -182,7 +182,8 @@ def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path
     `memguard basin scenario=tiny2` maps it. Two images a prompt: the CI smoke of the second miniature."""
     out = tmp_path / "outputs"
     common = ["scenario=tiny2", f"paths.output_dir={out}", "progress=false"]
-    result = memguard("run", *common, "mitigation=auto", "images_per_prompt=2", cwd=tmp_path)
+    # the command in this process (tests/test_wheel.py runs the default scenario, tiny2, in a fresh environment)
+    result = memguard_here("run", *common, "mitigation=auto", "images_per_prompt=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     calibration = json.loads((Path(__file__).parents[1] / "models" / "tiny2" / "calibration.json").read_text())
     gens = pd.read_csv(out / "runs" / "tiny2" / "auto" / "generations.csv")
@@ -190,9 +191,10 @@ def test_shipped_tiny2_runs_auto_and_the_basin_from_a_fresh_clone(tmp_path: Path
     assert ((gens.decision == "mitigated") == (gens.detection_first > calibration["threshold"])).all()
     flagged = gens.groupby("group").decision.apply(lambda d: (d == "mitigated").mean())
     assert flagged["trigger"] > flagged["unique"]  # the shipped detector separates what the model memorized
-    result = memguard("run", *common, "mitigation=auto", "debug=default", cwd=tmp_path)  # 4 steps: other timesteps
+    # a run sampled with 4 steps (other timesteps), and the basin
+    result = memguard_here("run", *common, "mitigation=auto", "debug=default", cwd=tmp_path)
     assert result.returncode != 0 and "sampler.steps=50, this run samples with" in result.stderr
-    result = memguard("basin", *common, "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", cwd=tmp_path)
+    result = memguard_here("basin", *common, "seeds=[0]", "sampler.steps=4", "basin.starts=[0,2]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(out / "basin" / "tiny2" / "basin.csv")) == 14 * 2
 

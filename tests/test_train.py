@@ -15,7 +15,7 @@ from memguard.guidance import Constant
 from memguard.procedural import build_rows
 from memguard.sampling import generate_images
 from memguard.train import TrainSettings, _captioned, _resumable_data, tiny_components, train_denoiser
-from tests.test_cli import memguard
+from tests.test_cli import memguard_here as memguard
 
 
 def test_pixel_space_model_saves_and_loads_like_stable_diffusion(tmp_path: Path) -> None:

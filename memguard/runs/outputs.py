@@ -11,7 +11,7 @@ import pandas as pd
 
 from memguard.metrics.bootstrap import intervals, with_intervals
 from memguard.runs.folder import Record, atomic_write_text
-from memguard.runs.plots import plot_norms
+from memguard.runs.plots import plot_norms, set_margins
 from memguard.runs.prompt_files import Prompts
 from memguard.runs.report import write_grid, write_report
 
@@ -93,7 +93,7 @@ def write_figures(run_dir: Path, records: list[Record], max_rows: int = 8, max_c
     ax_d.set_title(f"{len(records)} generations (colour: prompt; |: transition step)")
     ax_s.set_ylabel("scale s")
     ax_s.set_xlabel("sampling step")
-    fig.tight_layout()
+    set_margins(fig, left=0.85, right=0.15, top=0.35, bottom=0.5, hgap=0.15)
     fig.savefig(run_dir / "d_curves.png", dpi=100)
     plt.close(fig)
     if all(r.norm_c for r in records):

@@ -35,6 +35,18 @@ def load_norms(run_dir: Path) -> pd.DataFrame:
     return traj
 
 
+def set_margins(fig, left: float, right: float, top: float, bottom: float, wgap: float = 0.0,
+                hgap: float = 0.0) -> None:
+    """Place ``fig``'s grid of axes by margins and gaps in inches: for the figures every run draws, whose labels
+    are known in advance, instead of ``tight_layout`` (which measures every text first: a third of a figure's time)."""
+    width, height = fig.get_size_inches()
+    rows, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    cell_w = (width - left - right - wgap * (cols - 1)) / cols
+    cell_h = (height - top - bottom - hgap * (rows - 1)) / rows
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=wgap / cell_w, hspace=hgap / cell_h)
+
+
 def plot_norms(run_dirs: list[Path], output: Path | None = None) -> Path:
     """Draw the figure for ``run_dirs`` side by side; returns its path (default ``run_dirs[0]/norms.png``)."""
     import matplotlib  # start-up: matplotlib loads only where a figure is drawn
@@ -70,7 +82,7 @@ def plot_norms(run_dirs: list[Path], output: Path | None = None) -> Path:
                 ax.set_ylabel("mean L2 norm")
     axes[0][0].invert_xaxis()
     axes[0][0].legend(fontsize=6, loc="center left")
-    fig.tight_layout()
+    set_margins(fig, left=1.0, right=0.15, top=0.3, bottom=0.5, wgap=0.3, hgap=0.35)
     path = Path(output) if output is not None else Path(run_dirs[0]) / "norms.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)

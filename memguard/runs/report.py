@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from memguard.metrics.agreement import verdicts
+from memguard.runs.plots import set_margins
 from memguard.runs.summary import interval_note, measured_with, run_summary, with_interval
 
 NUMBER_CELL = re.compile(r"^-?\d[\d.]* \[")
@@ -70,7 +71,7 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
     shared = all(len(seeds) == 1 for seeds in column_seeds)
     with_reference = "nearest_reference" in gens and root is not None and root.is_dir()
     cols = n_images + with_reference
-    fig, axes = plt.subplots(len(prompts), cols, figsize=(0.9 * cols + 3.2, 0.9 * len(prompts) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(0.9 * cols + 2.4, 0.9 * len(prompts) + 0.3), squeeze=False)
     for r, idx in enumerate(prompts):
         rows = by_prompt[idx]
         first = rows.iloc[0]
@@ -103,7 +104,8 @@ def write_grid(run_dir: Path, max_rows: int = 8, max_cols: int = 8) -> Path:
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
-    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.1)
+    set_margins(fig, left=2.3, right=0.05, top=0.3 + 0.1 * (not shared), bottom=0.05 + 0.15 * (not shared),
+                wgap=0.05, hgap=0.05 + 0.15 * (not shared))  # left: a label of 39 characters at 7 pt
     path = run_dir / "grid.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
