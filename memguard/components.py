@@ -150,9 +150,8 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
     """The CLIP tokenizer saved in ``folder``, read once per process while its files are unchanged: a sweep's jobs
     (``memguard run -m``) share it instead of each parsing the 49408-entry vocabulary again (0.3 s). It is only
     read, never changed: every call passes its own padding and truncation."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
-    return _read_tokenizer(str(Path(folder).resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                                               for p in files))
+    stats = [(p.name, p.stat()) for p in sorted(Path(folder).iterdir()) if p.is_file()]
+    return _read_tokenizer(str(Path(folder).resolve()), tuple((name, s.st_size, s.st_mtime_ns) for name, s in stats))
 
 
 @functools.lru_cache(maxsize=4)

@@ -77,8 +77,7 @@ def pipeline_images(folder: Path, family: str, scales: tuple[float, ...]) -> lis
     return per_scale
 
 
-def test_every_familys_saved_folder_runs_through_the_cli_as_its_pipeline(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_familys_saved_folder_runs_through_the_cli_as_its_pipeline(tmp_path: Path) -> None:
     folders = write_folders(tmp_path / "models")
     common = ["scenario=custom", f"model.path={tmp_path / 'models'}/${{tag}}", "run_name=${tag}/${mitigation.name}",
               f"prompts=[{','.join(repr(p) for p in PROMPTS)}]", f"seeds=[{','.join(map(str, SEEDS))}]",
@@ -88,18 +87,22 @@ def test_every_familys_saved_folder_runs_through_the_cli_as_its_pipeline(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     # og_dtp once per family, on the folders `memguard random-model` wrote (the command, in this process): the
     # folder's writer is what the none runs above vary, the family what the mitigation's hooks meet
-    monkeypatch.chdir(tmp_path)
-    main(["run", "-m", f"+tag={','.join(f'{kind}_memguard' for kind in FAMILIES)}", "mitigation=og_dtp", *common])
+    result = memguard_here("run", "-m", f"+tag={','.join(f'{kind}_memguard' for kind in FAMILIES)}",
+                           "mitigation=og_dtp", *common, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "outputs" / "runs"
-    wants: dict[str, list[dict]] = {}
+    wants: dict[str, dict] = {}
     for tag, family in folders.items():
         config = (runs / tag / "none" / "config.yaml").read_text()
         assert f"name: {'flow' if family == 'sd3' else 'dpm'}\n" in config, tag  # sampler=auto, written down
         pipeline_tag = tag.removesuffix("_old_index") + "_pipeline"  # an old index: that folder's files, copied
         # and on a pipeline folder (once per family), at half the scale too: the comparison can fail
         scales = (SCALE, SCALE / 2) if tag.endswith("_pipeline") else (SCALE,)
-        want, *other = wants.get(pipeline_tag) or pipeline_images(tmp_path / "models" / tag, family, scales)
-        wants[tag] = [want]
+        if pipeline_tag in wants:
+            want, other = wants[pipeline_tag], []
+        else:
+            want, *other = pipeline_images(tmp_path / "models" / tag, family, scales)
+        wants[tag] = want
         for (idx, seed), expected in want.items():
             ours = np.asarray(Image.open(runs / tag / "none" / "images" / f"{idx:05d}_{seed}.png").convert("RGB"),
                               dtype=np.int16)
